@@ -96,3 +96,31 @@ def test_console_script_runs_info():
         check=True,
     ).stdout
     assert "attention" in out and "sliding_window" in out and "xla" in out and "tiny" in out
+
+
+def test_cli_trains_resumes_and_generates(tmp_path, capsys):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(6):
+        (corpus / f"{i}.txt").write_text(f"print('hello {i}')\n" * 40)
+    workdir = str(tmp_path / "run")
+    small = [
+        f"data.paths={corpus}/*.txt",
+        "data.seq_len=32",
+        "data.batch_size=8",
+        "data.eval_fraction=0.2",
+        "model.d_model=32",
+        "model.n_layers=1",
+        "model.max_seq_len=64",
+        "logging.progress_bar=false",
+        "logging.eval_every=0",
+        "checkpoint.every_steps=2",
+    ]
+    args = ["train", "--workdir", workdir] + [item for pair in small for item in ("--set", pair)]
+    assert main(args + ["--set", "steps=2"]) == 0
+    assert "unigram entropy" in capsys.readouterr().out
+    assert main(["train", "--workdir", workdir, "--resume", "--set", "steps=4"]) == 0
+    assert "stopped at step 4" in capsys.readouterr().out
+    assert main(["generate", "--checkpoint", workdir, "--prompt", "print(", "--max-new-tokens", "5"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("print(") and "step 4" in captured.err
