@@ -81,6 +81,7 @@ class ModelConfig(Config):
     n_kv_heads: int = 0  # 0 means n_heads (multi-head); fewer gives grouped-query attention
     head_dim: int = 0  # 0 means d_model // n_heads
     mlp_dim: int = 0  # SwiGLU hidden width; 0 means the multiple of 64 nearest 8/3 * d_model
+    mlp: bool = True  # False leaves blocks as mixer-only (the zoology MQAR protocol)
     layers: tuple[str, ...] = ("attention",)
     mixer_options: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
     max_seq_len: int = 2048

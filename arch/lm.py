@@ -27,28 +27,31 @@ REMAT_POLICIES = {
 
 
 class Block(nnx.Module):
-    """Pre-norm residual block: x + mixer(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm residual block: x + mixer(norm(x)), then x + mlp(norm(x)) unless the config drops the MLP."""
 
     def __init__(self, cfg: ModelConfig, mixer_name: str, *, rngs: nnx.Rngs):
         self.mixer_name = mixer_name
         self.mixer_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mixer = registry.build_mixer(cfg, mixer_name, rngs=rngs)
-        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mlp = SwiGLU(cfg, rngs=rngs)
+        if cfg.mlp:
+            self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+            self.mlp = SwiGLU(cfg, rngs=rngs)
+        else:
+            self.mlp_norm = self.mlp = None
+
+    def _mlp(self, x):
+        return x if self.mlp is None else x + self.mlp(self.mlp_norm(x))
 
     def __call__(self, x, segment_ids=None, positions=None):
-        x = x + self.mixer(self.mixer_norm(x), segment_ids=segment_ids, positions=positions)
-        return x + self.mlp(self.mlp_norm(x))
+        return self._mlp(x + self.mixer(self.mixer_norm(x), segment_ids=segment_ids, positions=positions))
 
     def prefill(self, x, state):
         y, state = self.mixer.prefill(self.mixer_norm(x), state)
-        x = x + y
-        return x + self.mlp(self.mlp_norm(x)), state
+        return self._mlp(x + y), state
 
     def step(self, x, state):
         y, state = self.mixer.step(self.mixer_norm(x), state)
-        x = x + y
-        return x + self.mlp(self.mlp_norm(x)), state
+        return self._mlp(x + y), state
 
 
 class LM(nnx.Module):

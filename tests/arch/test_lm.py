@@ -27,6 +27,7 @@ MODEL_CASES = {
         mixer_options={"sliding_window": {"size": 3}},
         tie_embeddings=False,
     ),
+    "attention_no_mlp": tiny_config(mlp=False),
 }
 
 
