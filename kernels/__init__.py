@@ -3,13 +3,28 @@
 
 from kernels._backend import IMPLEMENTATIONS, available_ops, default_implementation
 from kernels.attention import KVCache, attention, attention_decode, init_kv_cache
+from kernels.delta_rule import delta_rule, delta_rule_step
+from kernels.linear_attention import (
+    LinearAttentionState,
+    init_linear_attention_state,
+    linear_attention,
+    linear_attention_step,
+    taylor2_feature_map,
+)
 
 __all__ = [
     "IMPLEMENTATIONS",
     "KVCache",
+    "LinearAttentionState",
     "attention",
     "attention_decode",
     "available_ops",
     "default_implementation",
+    "delta_rule",
+    "delta_rule_step",
     "init_kv_cache",
+    "init_linear_attention_state",
+    "linear_attention",
+    "linear_attention_step",
+    "taylor2_feature_map",
 ]

@@ -9,6 +9,7 @@ entry is registered from here, so nothing else pulls in Mosaic or Triton.
 
 from __future__ import annotations
 
+import importlib
 from typing import Callable
 
 import jax
@@ -47,6 +48,13 @@ def available_ops() -> dict[str, list[str]]:
 def interpret_mode() -> bool:
     """True when Pallas kernels must run in interpret mode (no TPU or GPU to compile for)."""
     return jax.default_backend() == "cpu"
+
+
+def pallas_kernel_module(op_package: str):
+    """The Pallas kernels of kernels/<op_package>/ for the default backend, imported on
+    first use: pallas_gpu on GPU, pallas_tpu on TPU and on CPU (where it runs interpreted)."""
+    variant = "pallas_gpu" if jax.default_backend() == "gpu" else "pallas_tpu"
+    return importlib.import_module(f"kernels.{op_package}.{variant}")
 
 
 def default_implementation(name: str) -> str:

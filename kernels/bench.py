@@ -6,7 +6,9 @@
 
 Prints one table per op: implementation x sequence length -> median time,
 compiled temp memory (the number that shows quadratic against linear growth),
-peak memory, and ratios against the reference. Memory comes from the compiled
+peak memory, ratios against the reference, TFLOP/s and GB/s (the op's
+unavoidable HBM traffic over the time), and on a known GPU or TPU both as a
+percentage of the chip's bfloat16 matmul and HBM peaks. Memory comes from the compiled
 executable's memory_analysis() (arguments + outputs + temp) on every backend;
 on TPU and GPU the device's peak_bytes_in_use is printed too (a process-wide
 high-water mark, so read it in table order). A new op adds one OpBenchmark
@@ -56,6 +58,12 @@ class OpBenchmark:
     forward_flops: Callable[[Problem], float]
     # Forward + backward cost as a multiple of the forward cost.
     forward_backward_flops_factor: float
+    # Problem -> bytes one forward call must move to and from HBM (inputs read, outputs written).
+    forward_bytes: Callable[[Problem], float] | None = None
+    # Forward + backward traffic as a multiple of the forward traffic.
+    forward_backward_bytes_factor: float = 1.0
+    # False for ops that are not differentiated (decode forms); --backward skips them.
+    differentiable: bool = True
 
 
 def _attention_inputs(problem: Problem):
@@ -92,10 +100,215 @@ def _attention_flops(problem: Problem) -> float:
     return 4.0 * problem.batch * problem.heads * problem.head_dim * float(visible_pairs)
 
 
+def _attention_bytes(problem: Problem) -> float:
+    """q, k, v read and o written once."""
+    itemsize = jnp.dtype(problem.dtype).itemsize
+    tokens = problem.batch * problem.seq_len * problem.head_dim
+    return float(itemsize * tokens * (2 * problem.heads + 2 * problem.kv_heads))
+
+
+def _decode_cache_slots(problem: Problem) -> int:
+    """Capacity of the cache the decode benchmark attends over: seq_len past tokens + 1."""
+    if problem.window is None:
+        return problem.seq_len + 1
+    return min(problem.seq_len + 1, problem.prefix + problem.window)
+
+
+def _attention_decode_inputs(problem: Problem):
+    """One new token at position seq_len against a cache holding tokens 0 .. seq_len - 1."""
+    rng = np.random.default_rng(0)
+    capacity = _decode_cache_slots(problem)
+    q_shape = (problem.batch, 1, problem.heads, problem.head_dim)
+    kv_shape = (problem.batch, 1, problem.kv_heads, problem.head_dim)
+    cache_shape = (problem.batch, capacity, problem.kv_heads, problem.head_dim)
+    q, k, v, cache_k, cache_v = (
+        jnp.asarray(rng.standard_normal(shape, np.float32), problem.dtype)
+        for shape in (q_shape, kv_shape, kv_shape, cache_shape, cache_shape)
+    )
+    # The slots the public cache layout gives: prefix slots, then a ring (last writer wins).
+    positions = np.arange(problem.seq_len)
+    ring_size = max(capacity - problem.prefix, 1)
+    slots = np.where(positions < problem.prefix, positions, problem.prefix + (positions - problem.prefix) % ring_size)
+    slot_pos = np.full(capacity, -1, np.int32)
+    np.maximum.at(slot_pos, slots, positions.astype(np.int32))
+    cache = kernels.KVCache(cache_k, cache_v, jnp.asarray(slot_pos), jnp.asarray(problem.seq_len, jnp.int32))
+    return q, k, v, cache
+
+
+def _attention_decode_function(problem: Problem, implementation: str):
+    def attention_decode(q, k, v, cache):
+        o, _ = kernels.attention_decode(
+            q, k, v, cache, window=problem.window, prefix=problem.prefix, implementation=implementation
+        )
+        return o
+
+    return attention_decode
+
+
+def _attention_decode_flops(problem: Problem) -> float:
+    visible = _decode_cache_slots(problem)
+    return 4.0 * problem.batch * problem.heads * problem.head_dim * visible
+
+
+def _attention_decode_bytes(problem: Problem) -> float:
+    """The cache's keys and values read once, plus q, the new k, v and o."""
+    itemsize = jnp.dtype(problem.dtype).itemsize
+    cache = 2 * (_decode_cache_slots(problem) - 1) * problem.kv_heads
+    token = 2 * problem.heads + 2 * problem.kv_heads
+    return float(itemsize * problem.batch * problem.head_dim * (cache + token))
+
+
+# Linear attention is benchmarked with a per-head log-decay (the gated form), no
+# normalizer, the identity feature map and the default chunk of 64.
+_LINEAR_ATTENTION_CHUNK = 64
+
+
+def _linear_attention_inputs(problem: Problem):
+    """q, k, v [B, T, H, D] and a per-head log-decay in [-0.1, -0.01] (float32)."""
+    rng = np.random.default_rng(0)
+    shape = (problem.batch, problem.seq_len, problem.heads, problem.head_dim)
+    q, k, v = (jnp.asarray(rng.standard_normal(shape, np.float32), problem.dtype) for _ in range(3))
+    log_decay = jnp.asarray(-rng.uniform(0.01, 0.1, shape[:3]), jnp.float32)
+    return q, k, v, log_decay
+
+
+def _linear_attention_function(problem: Problem, implementation: str):
+    def linear_attention(q, k, v, log_decay):
+        return kernels.linear_attention(
+            q, k, v, log_decay=log_decay, chunk_size=_LINEAR_ATTENTION_CHUNK, implementation=implementation
+        )
+
+    return linear_attention
+
+
+def _linear_attention_flops(problem: Problem) -> float:
+    """The chunked form's matmuls per token and head: q.k scores and scores @ v over its
+    chunk (2 C D each), its read of the state and its share of the state update (2 D^2 each)."""
+    chunk = min(_LINEAR_ATTENTION_CHUNK, problem.seq_len)
+    per_token = 4.0 * chunk * problem.head_dim + 4.0 * problem.head_dim**2
+    return problem.batch * problem.seq_len * problem.heads * per_token
+
+
+def _linear_attention_bytes(problem: Problem) -> float:
+    """q, k, v and the float32 log-decay read, y written once."""
+    itemsize = jnp.dtype(problem.dtype).itemsize
+    tokens = problem.batch * problem.seq_len * problem.heads
+    return float(tokens * (4 * itemsize * problem.head_dim + 4))
+
+
+# The delta rule is benchmarked in its gated form (per-head log-decay) with unit-norm keys,
+# beta in (0, 1) and the default chunk of 64.
+_DELTA_RULE_CHUNK = 64
+
+
+def _delta_rule_inputs(problem: Problem):
+    """q, k (unit norm), v [B, T, H, D]; beta in [0.1, 1] and log-decay in [-0.1, -0.01], float32."""
+    rng = np.random.default_rng(0)
+    shape = (problem.batch, problem.seq_len, problem.heads, problem.head_dim)
+    q, k, v = (rng.standard_normal(shape, np.float32) for _ in range(3))
+    k /= np.linalg.norm(k, axis=-1, keepdims=True)
+    beta = jnp.asarray(rng.uniform(0.1, 1.0, shape[:3]), jnp.float32)
+    log_decay = jnp.asarray(-rng.uniform(0.01, 0.1, shape[:3]), jnp.float32)
+    return (*(jnp.asarray(x, problem.dtype) for x in (q, k, v)), beta, log_decay)
+
+
+def _delta_rule_function(problem: Problem, implementation: str):
+    def delta_rule(q, k, v, beta, log_decay):
+        return kernels.delta_rule(
+            q, k, v, beta, log_decay=log_decay, chunk_size=_DELTA_RULE_CHUNK, implementation=implementation
+        )
+
+    return delta_rule
+
+
+def _delta_rule_flops(problem: Problem) -> float:
+    """The chunked (WY) form's matmuls per token and head: K K^T, Q K^T, the two WY
+    factors and scores @ delta over its chunk (2 C D each), and its reads and update of
+    the state (W S, Q S, K^T delta: 2 D^2 each); the triangular inverse is left out."""
+    chunk = min(_DELTA_RULE_CHUNK, problem.seq_len)
+    per_token = 10.0 * chunk * problem.head_dim + 6.0 * problem.head_dim**2
+    return problem.batch * problem.seq_len * problem.heads * per_token
+
+
+def _delta_rule_bytes(problem: Problem) -> float:
+    """q, k, v and the float32 beta and log-decay read, y written once."""
+    itemsize = jnp.dtype(problem.dtype).itemsize
+    tokens = problem.batch * problem.seq_len * problem.heads
+    return float(tokens * (4 * itemsize * problem.head_dim + 8))
+
+
 OPS: dict[str, OpBenchmark] = {
     # Flash-style backward recomputes scores: 5 block matmuls against the forward's 2.
-    "attention": OpBenchmark(_attention_inputs, _attention_function, _attention_flops, 1 + 2.5),
+    # Its traffic: the forward's, then q, k, v, o, do read and dq, dk, dv written.
+    "attention": OpBenchmark(
+        _attention_inputs,
+        _attention_function,
+        _attention_flops,
+        1 + 2.5,
+        forward_bytes=_attention_bytes,
+        forward_backward_bytes_factor=3.0,
+    ),
+    "attention_decode": OpBenchmark(
+        _attention_decode_inputs,
+        _attention_decode_function,
+        _attention_decode_flops,
+        1.0,
+        forward_bytes=_attention_decode_bytes,
+        differentiable=False,
+    ),
+    # Backward: a forward-time pass (recomputed scores and state, dq) and a reverse-time
+    # pass (dk, dv, the state's gradient), about three forwards; q, k, v, g, do read twice.
+    "linear_attention": OpBenchmark(
+        _linear_attention_inputs,
+        _linear_attention_function,
+        _linear_attention_flops,
+        1 + 3.0,
+        forward_bytes=_linear_attention_bytes,
+        forward_backward_bytes_factor=3.0,
+    ),
+    # Backward: per chunk, the forward's factors recomputed from the stored state, then 16
+    # matmuls against the forward's 8; q, k, v, beta, g read twice, dy read, grads written.
+    "delta_rule": OpBenchmark(
+        _delta_rule_inputs,
+        _delta_rule_function,
+        _delta_rule_flops,
+        1 + 3.0,
+        forward_bytes=_delta_rule_bytes,
+        forward_backward_bytes_factor=3.0,
+    ),
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class ChipPeak:
+    """Dense bfloat16 matmul throughput and HBM bandwidth of one chip (vendor figures)."""
+
+    tflops: float
+    hbm_gb_per_s: float
+
+
+# Matched in order against jax's device_kind: specific names before their prefixes.
+_CHIP_PEAKS: tuple[tuple[tuple[str, ...], ChipPeak], ...] = (
+    (("h100", "pcie"), ChipPeak(756.0, 2000.0)),
+    (("h100",), ChipPeak(989.0, 3350.0)),
+    (("h200",), ChipPeak(989.0, 4800.0)),
+    (("a100", "40gb"), ChipPeak(312.0, 1555.0)),
+    (("a100",), ChipPeak(312.0, 2039.0)),
+    (("tpu v4",), ChipPeak(275.0, 1228.0)),
+    (("tpu v5 lite",), ChipPeak(197.0, 819.0)),
+    (("tpu v5e",), ChipPeak(197.0, 819.0)),
+    (("tpu v5",), ChipPeak(459.0, 2765.0)),
+    (("tpu v6",), ChipPeak(918.0, 1640.0)),
+)
+
+
+def chip_peak(device_kind: str) -> ChipPeak | None:
+    """The peak figures of a device kind such as "NVIDIA H100 80GB HBM3" or "TPU v5 lite"."""
+    kind = device_kind.lower()
+    for keywords, peak in _CHIP_PEAKS:
+        if all(keyword in kind for keyword in keywords):
+            return peak
+    return None
 
 
 @dataclasses.dataclass
@@ -151,6 +364,12 @@ def _forward_and_backward(fn: Callable) -> Callable:
 
 def run_op(name: str, op: OpBenchmark, problems: list[Problem], implementations: list[str], *, backward: bool, repeats: int):
     """Measure every (length, implementation) point and print the table."""
+    if backward and not op.differentiable:
+        print(f"\n{name}: skipped under --backward (it is not differentiated)")
+        return
+    on_accelerator = jax.default_backend() != "cpu"
+    device_kind = jax.devices()[0].device_kind
+    peak = chip_peak(device_kind) if on_accelerator else None
     rows = []
     for problem in problems:
         inputs = op.make_inputs(problem)
@@ -161,9 +380,12 @@ def run_op(name: str, op: OpBenchmark, problems: list[Problem], implementations:
                 fn = _forward_and_backward(fn)
             by_implementation[implementation] = measure(fn, inputs, repeats)
         flops = op.forward_flops(problem) * (op.forward_backward_flops_factor if backward else 1.0)
+        num_bytes = None
+        if op.forward_bytes is not None:
+            num_bytes = op.forward_bytes(problem) * (op.forward_backward_bytes_factor if backward else 1.0)
         baseline = by_implementation.get("reference")
         for implementation, result in by_implementation.items():
-            rows.append(_format_row(problem.seq_len, implementation, result, baseline, flops))
+            rows.append(_format_row(problem.seq_len, implementation, result, baseline, flops, num_bytes, peak))
 
     first = problems[0]
     print(
@@ -172,8 +394,14 @@ def run_op(name: str, op: OpBenchmark, problems: list[Problem], implementations:
         f"window={first.window} prefix={first.prefix} dtype={jnp.dtype(first.dtype).name}, "
         f"median of {repeats}"
     )
-    columns = ["impl", "T", "time ms", "time/ref", "temp MiB", "temp/ref", "peak MiB", "TFLOP/s"]
-    if jax.default_backend() != "cpu":
+    if peak is not None:
+        print(f"{device_kind}: peak {peak.tflops:g} TFLOP/s (bfloat16 matmul), {peak.hbm_gb_per_s:g} GB/s HBM")
+    elif on_accelerator:
+        print(f"{device_kind}: no peak figures known for this chip; add it to kernels.bench._CHIP_PEAKS")
+    columns = ["impl", "T", "time ms", "time/ref", "temp MiB", "temp/ref", "peak MiB", "TFLOP/s", "GB/s"]
+    if peak is not None:
+        columns += ["%peak FLOP/s", "%peak HBM"]
+    if on_accelerator:
         columns.append("device peak MiB")
     widths = [max(len(column), *(len(row[i]) for row in rows)) for i, column in enumerate(columns)]
     print("  ".join(column.rjust(width) for column, width in zip(columns, widths)))
@@ -181,20 +409,37 @@ def run_op(name: str, op: OpBenchmark, problems: list[Problem], implementations:
         print("  ".join(cell.rjust(width) for cell, width in zip(row, widths)))
 
 
-def _format_row(seq_len, implementation, result: Measurement, baseline: Measurement | None, flops: float):
+def _format_row(
+    seq_len,
+    implementation,
+    result: Measurement,
+    baseline: Measurement | None,
+    flops: float,
+    num_bytes: float | None,
+    peak: ChipPeak | None,
+):
     if result.error is not None:
-        row = [implementation, str(seq_len), f"failed: {result.error}", "", "", "", "", ""]
+        row = [implementation, str(seq_len), f"failed: {result.error}", "", "", "", "", "", ""]
+        if peak is not None:
+            row += ["", ""]
     else:
+        seconds = result.median_ms * 1e-3
+        tflops = flops / seconds / 1e12
+        gb_per_s = None if num_bytes is None else num_bytes / seconds / 1e9
         row = [
             implementation,
             str(seq_len),
-            f"{result.median_ms:.1f}",
+            f"{result.median_ms:.3g}",
             _ratio(result.median_ms, baseline and baseline.median_ms),
             _mib(result.temp_bytes),
             _ratio(result.temp_bytes, baseline and baseline.temp_bytes),
             _mib(result.total_bytes),
-            f"{flops / (result.median_ms * 1e-3) / 1e12:.3f}",
+            f"{tflops:.3f}",
+            "-" if gb_per_s is None else f"{gb_per_s:.1f}",
         ]
+        if peak is not None:
+            row.append(f"{100 * tflops / peak.tflops:.1f}")
+            row.append("-" if gb_per_s is None else f"{100 * gb_per_s / peak.hbm_gb_per_s:.1f}")
     if jax.default_backend() != "cpu":
         row.append(_mib(result.device_peak_bytes))
     return row

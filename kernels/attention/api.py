@@ -75,7 +75,7 @@ def attention(
     prefix: the first `prefix` tokens stay visible to every later query.
     segment_ids: int [B, T]; tokens only see tokens of the same segment.
     scale: multiplies q.k; defaults to 1/sqrt(D).
-    implementation: None (backend default), "reference" or "xla".
+    implementation: None (backend default), "reference", "xla" or "pallas".
     """
     _check_qkv("attention", q, k, v)
     window, prefix = _checked_window_and_prefix("attention", window, prefix)
@@ -253,8 +253,25 @@ def _default_scale(scale, q) -> float:
     return 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
 
 
-_backend.register_op("attention", {"reference": reference.attention, "xla": xla.attention})
+def _pallas_attention(q, k, v, **options):
+    kernels_module = _backend.pallas_kernel_module("attention")
+    return kernels_module.attention(q, k, v, interpret=_backend.interpret_mode(), **options)
+
+
+def _pallas_attention_decode(q, k, v, cache, **options):
+    kernels_module = _backend.pallas_kernel_module("attention")
+    return kernels_module.attention_decode(q, k, v, cache, interpret=_backend.interpret_mode(), **options)
+
+
+_backend.register_op(
+    "attention",
+    {"reference": reference.attention, "xla": xla.attention, "pallas": _pallas_attention},
+)
 _backend.register_op(
     "attention_decode",
-    {"reference": reference.attention_decode, "xla": xla.attention_decode},
+    {
+        "reference": reference.attention_decode,
+        "xla": xla.attention_decode,
+        "pallas": _pallas_attention_decode,
+    },
 )

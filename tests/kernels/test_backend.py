@@ -25,8 +25,8 @@ def test_cpu_defaults_to_xla_and_interprets_pallas():
 
 def test_available_ops_lists_attention():
     ops = kernels.available_ops()
-    assert ops["attention"] == ["reference", "xla"]
-    assert ops["attention_decode"] == ["reference", "xla"]
+    assert ops["attention"] == ["reference", "xla", "pallas"]
+    assert ops["attention_decode"] == ["reference", "xla", "pallas"]
 
 
 def test_accelerators_prefer_pallas_when_an_op_has_it(empty_registry, monkeypatch):
