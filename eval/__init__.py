@@ -1,0 +1,1 @@
+"""Recall and needle benchmarks: synthetic tasks, the MQAR protocol, checkpoint scoring and reports."""

@@ -1,4 +1,4 @@
-"""The `memzoo` command line: train, info and generate.
+"""The `memzoo` command line: train, info and generate, and the commands plugins add (bench, eval).
 
 Errors in what the user typed (a config field, a preset name, a path) come out as
 one line, `memzoo: error: ...`, with exit status 2.
@@ -128,6 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     generate.set_defaults(run=_generate)
+
+    from train.plugins import load_plugins
+
+    for plugin in load_plugins():  # e.g. eval adds `bench` and `eval`
+        if hasattr(plugin, "add_commands"):
+            plugin.add_commands(commands)
     return parser
 
 

@@ -41,6 +41,7 @@ import numpy as np
 
 from arch.config import ConfigError
 from train.config import DataConfig
+from train.plugins import load_plugins
 from train.tokenizer import ByteTokenizer, Tokenizer, make_tokenizer
 
 SPLITS = ("train", "eval")
@@ -66,6 +67,9 @@ class DataSource:
     factory: Callable[[DataConfig, str], grain.MapDataset]
     validate: Callable[[DataConfig], None] | None = None  # raises ConfigError; must not read data
     vocab_size: Callable[[DataConfig], int | None] | None = None  # "examples" sources: the task's vocabulary
+    # "examples" sources that score few targets: the most an example has. The loss then
+    # computes vocabulary logits only at those positions.
+    labels_per_example: Callable[[DataConfig], int] | None = None
 
 
 SOURCES: dict[str, DataSource] = {}
@@ -77,6 +81,7 @@ def register_source(
     kind: str,
     validate: Callable[[DataConfig], None] | None = None,
     vocab_size: Callable[[DataConfig], int | None] | None = None,
+    labels_per_example: Callable[[DataConfig], int] | None = None,
 ) -> Callable:
     """Decorator registering `factory(cfg, split) -> grain.MapDataset` as data source `name`."""
     if kind not in SOURCE_KINDS:
@@ -90,7 +95,7 @@ def register_source(
             raise ValueError(
                 f"data source {name!r} is already registered by {_qualified_name(existing.factory)}; pick another name"
             )
-        SOURCES[name] = DataSource(name, kind, factory, validate, vocab_size)
+        SOURCES[name] = DataSource(name, kind, factory, validate, vocab_size, labels_per_example)
         return factory
 
     return register
@@ -102,6 +107,7 @@ def _qualified_name(function: Callable) -> str:
 
 def validate_data_config(cfg: DataConfig) -> None:
     """Cheap checks that need the source registry or the file system; reads no data."""
+    load_plugins()  # plugins (eval's tasks) register further sources
     source = SOURCES.get(cfg.source)
     if source is None:
         raise ConfigError(
@@ -120,6 +126,7 @@ def validate_data_config(cfg: DataConfig) -> None:
 
 def tokenizer_vocab_size(cfg: DataConfig) -> int | None:
     """How many token ids the data can contain, or None if the source does not say."""
+    load_plugins()
     source = SOURCES.get(cfg.source)
     if source is None:
         return None
@@ -134,7 +141,17 @@ def split_dataset(cfg: DataConfig, split: str) -> grain.MapDataset:
     """All documents (text sources) or examples ("examples" sources) of one split, unsharded."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    load_plugins()
     return SOURCES[cfg.source].factory(cfg, split)
+
+
+def labels_per_example(cfg: DataConfig) -> int | None:
+    """The most scored targets in one example, for sources that declare it; None otherwise."""
+    load_plugins()
+    source = SOURCES.get(cfg.source)
+    if source is None or source.labels_per_example is None:
+        return None
+    return source.labels_per_example(cfg)
 
 
 # ---------------------------------------------------------------------------
@@ -311,7 +328,11 @@ def train_iterator(cfg: DataConfig, *, process_index: int = 0, process_count: in
     shard = _train_shard(cfg, process_index, process_count)
     shuffled = shard.shuffle(seed=_shuffle_seed(cfg.seed)).repeat()
     if source.kind == "examples":
-        checked = shuffled.map(functools.partial(_checked_example, source=cfg.source, length=cfg.seq_len))
+        checked = shuffled.map(
+            functools.partial(
+                _checked_example, source=cfg.source, length=cfg.seq_len, max_labels=labels_per_example(cfg)
+            )
+        )
         batches = checked.to_iter_dataset(_SYNCHRONOUS_READS).batch(rows)
     else:
         tokenizer = make_tokenizer(cfg)
@@ -350,7 +371,9 @@ def eval_batches(cfg: DataConfig, *, process_index: int = 0, process_count: int 
     cycled = held_out.repeat()
     if SOURCES[cfg.source].kind == "examples":
         checked = cycled[: cfg.eval_batches * cfg.batch_size].map(
-            functools.partial(_checked_example, source=cfg.source, length=cfg.seq_len)
+            functools.partial(
+                _checked_example, source=cfg.source, length=cfg.seq_len, max_labels=labels_per_example(cfg)
+            )
         )
         return checked.batch(cfg.batch_size).map(host_rows).to_iter_dataset(_SYNCHRONOUS_READS)
     tokens = cycled.map(functools.partial(_document_tokens, tokenizer=make_tokenizer(cfg)))
@@ -416,7 +439,7 @@ def _row_document_tokens(
     return tokens[int(start_fraction * len(tokens)) :] if index == 0 else tokens
 
 
-def _checked_example(example: Any, *, source: str, length: int) -> dict[str, np.ndarray]:
+def _checked_example(example: Any, *, source: str, length: int, max_labels: int | None) -> dict[str, np.ndarray]:
     """An "examples" source's item as the batch fields, with their dtypes; anything else is an error."""
     if not isinstance(example, dict) or not EXAMPLE_FIELDS.keys() <= example.keys():
         found = sorted(example) if isinstance(example, dict) else type(example).__name__
@@ -431,6 +454,12 @@ def _checked_example(example: Any, *, source: str, length: int) -> dict[str, np.
                 f"data source {source!r} gave an example whose {name!r} has shape {value.shape}; "
                 f"expected ({length},) for data.seq_len={length}"
             )
+    labels = int(np.count_nonzero(checked["mask"]))
+    if max_labels is not None and labels > max_labels:
+        raise ValueError(
+            f"data source {source!r} gave an example with {labels} scored targets but declares at most "
+            f"{max_labels} per example (its labels_per_example); the loss would drop the rest"
+        )
     return checked
 
 

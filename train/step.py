@@ -17,6 +17,7 @@ from flax import nnx
 
 from arch import build_model
 from arch.config import ModelConfig
+from train import data as data_lib
 from train import sharding as shd
 from train.config import OptimizerConfig, TrainConfig
 
@@ -87,10 +88,27 @@ def masked_cross_entropy(logits_BTV, targets_BT, mask_BT):
     return jnp.sum(ce * mask) / jnp.maximum(count, 1.0), count
 
 
-def batch_loss(spec: ModelSpec, params: dict, batch: dict, remat: str = "none"):
-    model = spec.bind(params)
-    logits = model(batch["inputs"], segment_ids=batch.get("segment_ids"), remat=remat)
-    return masked_cross_entropy(logits, batch["targets"], batch["mask"])
+def labelled_logits(model, batch: dict, label_slots: int = 0, remat: str = "none"):
+    """(logits [B, N, V], targets [B, N], mask [B, N]): every position (N = T) when label_slots is 0, else
+    only the label_slots highest-mask positions of each row (N = label_slots).
+
+    Tasks that score a few positions per example (recall queries) then pay for the vocabulary
+    head only there. A row with fewer labels fills its spare slots with mask-0 positions,
+    which add nothing to the loss, so both forms give the same loss.
+    """
+    hidden = model.hidden(batch["inputs"], segment_ids=batch.get("segment_ids"), remat=remat)
+    targets, mask = batch["targets"], batch["mask"]
+    if label_slots:
+        _, positions = jax.lax.top_k(mask, label_slots)
+        hidden = jnp.take_along_axis(hidden, positions[..., None], axis=1)
+        targets = jnp.take_along_axis(targets, positions, axis=1)
+        mask = jnp.take_along_axis(mask, positions, axis=1)
+    return model.logits(hidden), targets, mask
+
+
+def batch_loss(spec: ModelSpec, params: dict, batch: dict, remat: str = "none", label_slots: int = 0):
+    logits, targets, mask = labelled_logits(spec.bind(params), batch, label_slots, remat)
+    return masked_cross_entropy(logits, targets, mask)
 
 
 @dataclasses.dataclass
@@ -109,6 +127,7 @@ class Trainer:
 
 def make_trainer(cfg: TrainConfig, mesh: jax.sharding.Mesh) -> Trainer:
     spec = model_spec(cfg.model, cfg.seed)
+    label_slots = data_lib.labels_per_example(cfg.data) or 0
     optimizer = make_optimizer(cfg.optimizer, cfg.steps)
     schedule = learning_rate_schedule(cfg.optimizer, cfg.steps)
     params_sharding = shd.param_shardings(spec.abstract_params, mesh)
@@ -128,7 +147,7 @@ def make_trainer(cfg: TrainConfig, mesh: jax.sharding.Mesh) -> Trainer:
 
     def train_step(state: TrainState, batch: dict):
         def loss_fn(params):
-            return batch_loss(spec, params, batch, cfg.remat)
+            return batch_loss(spec, params, batch, cfg.remat, label_slots)
 
         (loss, tokens), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
@@ -142,7 +161,7 @@ def make_trainer(cfg: TrainConfig, mesh: jax.sharding.Mesh) -> Trainer:
         return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
     def eval_step(params: dict, batch: dict):
-        loss, tokens = batch_loss(spec, params, batch)
+        loss, tokens = batch_loss(spec, params, batch, label_slots=label_slots)
         return {"loss_sum": loss * tokens, "tokens": tokens}
 
     return Trainer(

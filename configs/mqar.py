@@ -1,0 +1,75 @@
+"""MQAR (zoology's multi-query associative recall): the `memzoo bench mqar` grids and a training preset.
+
+Models follow zoology's MQAR models: two blocks, a BaseConv (short convolution) block
+then the mixer's block, no MLP, tied embeddings, and no position embeddings in the
+attention mixers (the convolution gives the positional signal), one head.
+`memzoo train --config mqar` trains the attention model at length 64 with 4 pairs.
+"""
+
+from arch.config import ModelConfig
+from train.config import DataConfig, LoggingConfig, OptimizerConfig, TrainConfig
+
+# Per mixer: ModelConfig fields of its MQAR model. Mixers not listed use one head and their defaults.
+MIXER_SETTINGS = {
+    "attention": {"n_heads": 1, "mixer_options": {"attention": {"rope": False}}},
+    "sliding_window": {"n_heads": 1, "mixer_options": {"sliding_window": {"size": 16, "rope": False}}},
+}
+
+# zoology's MQAR sweep: lengths 64..512 with a pair per 16 tokens, widths 64..256, 4 learning rates.
+FULL = {
+    "mixers": ("attention", "sliding_window", "linear_attention"),
+    "d_models": (64, 128, 256),
+    "seq_lens": (64, 128, 256, 512),
+    "kv_pairs": (4, 8, 16, 32),
+    "lrs": (1e-3, 3.2e-3, 1e-2, 3.2e-2),
+    "vocab_size": 8192,
+    "train_examples": 100_000,
+    "test_examples": 1_024,
+    "batch_size": 256,
+    "epochs": 32,
+    "test_length_factors": (2,),
+}
+
+# About ten minutes on a two-core CPU: one width and length, two learning rates, a short budget
+# that attention meets (early stop at 0.99) and the fixed-state mixers cannot. The one-epoch
+# warmup lets the higher learning rate train stably in so few steps.
+QUICK = {
+    "mixers": ("attention", "sliding_window", "linear_attention"),
+    "d_models": (64,),
+    "seq_lens": (64,),
+    "kv_pairs": (4,),
+    "lrs": (3e-3, 1e-2),
+    "vocab_size": 8192,
+    "train_examples": 8_000,
+    "test_examples": 512,
+    "batch_size": 64,
+    "epochs": 8,
+    "warmup_epochs": 1.0,
+    "test_length_factors": (2,),
+}
+
+
+def get_config() -> TrainConfig:
+    return TrainConfig(
+        name="mqar",
+        model=ModelConfig(
+            vocab_size=8192,
+            d_model=64,
+            n_layers=2,
+            n_heads=1,
+            layers=("base_conv", "attention"),
+            mlp=False,
+            mixer_options=MIXER_SETTINGS["attention"]["mixer_options"],
+            max_seq_len=128,
+        ),
+        data=DataConfig(
+            source="mqar",
+            seq_len=64,
+            batch_size=64,
+            eval_batches=8,
+            task={"vocab_size": 8192, "num_kv_pairs": 4, "num_train_examples": 100_000, "num_eval_examples": 1_000},
+        ),
+        optimizer=OptimizerConfig(lr=3e-3, warmup_steps=100, min_lr_ratio=0.0, b2=0.999, weight_decay=0.1, grad_clip=0.0),
+        logging=LoggingConfig(log_every=20, eval_every=200),
+        steps=3_000,
+    )
