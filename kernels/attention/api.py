@@ -9,13 +9,13 @@ h // (heads // kv_heads). Softmax statistics are float32 whatever the input dtyp
 from __future__ import annotations
 
 import math
-import operator
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from kernels import _backend
+from kernels._checks import as_int, check_bthd
 from kernels.attention import reference, xla
 
 
@@ -46,7 +46,7 @@ def init_kv_cache(
 ) -> KVCache:
     """An empty cache of capacity max_len, or min(max_len, prefix + window) with a window."""
     for name, value in (("batch", batch), ("max_len", max_len), ("kv_heads", kv_heads), ("head_dim", head_dim)):
-        if _as_int(value) is None or value < 1:
+        if as_int(value) is None or value < 1:
             raise ValueError(f"init_kv_cache: {name} must be a positive int, got {value!r}")
     window, prefix = _checked_window_and_prefix("init_kv_cache", window, prefix)
     capacity = max_len if window is None else min(max_len, prefix + window)
@@ -197,12 +197,7 @@ def _check_capacity(capacity, length, chunk_len, window, prefix) -> bool:
 
 
 def _check_qkv(op: str, q, k, v) -> None:
-    for name, array in (("q", q), ("k", k), ("v", v)):
-        if getattr(array, "ndim", None) != 4:
-            raise ValueError(
-                f"{op}: {name} must be [batch, seq, heads, head_dim] (4 dims), "
-                f"got shape {getattr(array, 'shape', type(array).__name__)}"
-            )
+    check_bthd(op, q=q, k=k, v=v)
     if k.shape != v.shape:
         raise ValueError(f"{op}: k and v must have the same shape, got k {k.shape} and v {v.shape}")
     batch, seq_len, heads, head_dim = q.shape
@@ -229,24 +224,14 @@ def _check_qkv(op: str, q, k, v) -> None:
 def _checked_window_and_prefix(op: str, window, prefix) -> tuple[int | None, int]:
     """Validate window and prefix; return them as Python ints (they are compile-time constants)."""
     if window is not None:
-        if _as_int(window) is None or window < 1:
+        if as_int(window) is None or window < 1:
             raise ValueError(
                 f"{op}: window must be None or an int >= 1 (1 = only the token itself), got {window!r}"
             )
-        window = _as_int(window)
-    if _as_int(prefix) is None or prefix < 0:
+        window = as_int(window)
+    if as_int(prefix) is None or prefix < 0:
         raise ValueError(f"{op}: prefix must be an int >= 0, got {prefix!r}")
-    return window, _as_int(prefix)
-
-
-def _as_int(value) -> int | None:
-    """The value as a Python int if it is an integer (bools are not), else None."""
-    if isinstance(value, bool):
-        return None
-    try:
-        return operator.index(value)
-    except TypeError:
-        return None
+    return window, as_int(prefix)
 
 
 def _default_scale(scale, q) -> float:

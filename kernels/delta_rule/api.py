@@ -9,12 +9,11 @@ flash-linear-attention's chunk_gated_delta_rule.
 
 from __future__ import annotations
 
-import operator
-
 import jax.numpy as jnp
 from jax import lax
 
 from kernels import _backend
+from kernels._checks import as_int
 from kernels.delta_rule import reference, xla
 
 # normalize_qk: x / sqrt(sum(x^2) + eps), so an all-zero vector stays zero (padding).
@@ -172,20 +171,10 @@ def _checked_state(op, name, state, expected_shape):
 
 
 def _checked_chunk_size(chunk_size):
-    size = _as_int(chunk_size)
+    size = as_int(chunk_size)
     if size is None or size < 1 or size & (size - 1):
         raise ValueError(f"delta_rule: chunk_size must be a power of two, got {chunk_size!r}")
     return size
-
-
-def _as_int(value) -> int | None:
-    """The value as a Python int if it is an integer (bools are not), else None."""
-    if isinstance(value, bool):
-        return None
-    try:
-        return operator.index(value)
-    except TypeError:
-        return None
 
 
 def _pallas(q, k, v, beta, **options):

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import functools
 import numbers
-import operator
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from kernels import _backend
+from kernels._checks import as_int, check_bthd
 from kernels.linear_attention import kernel_math, reference, xla
 from kernels.linear_attention.feature_maps import FEATURE_MAPS, apply_feature_map, feature_dim
 
@@ -53,7 +53,7 @@ def init_linear_attention_state(
 ) -> LinearAttentionState:
     """The state before any token: zeros, with z only when normalize."""
     for name, value in (("batch", batch), ("heads", heads), ("key_dim", key_dim), ("value_dim", value_dim)):
-        if _as_int(value) is None or value < 1:
+        if as_int(value) is None or value < 1:
             raise ValueError(f"init_linear_attention_state: {name} must be a positive int, got {value!r}")
     _check_feature_map("init_linear_attention_state", feature_map)
     features = feature_dim(feature_map, key_dim)
@@ -104,7 +104,7 @@ def linear_attention(
         "linear_attention", "initial_state", initial_state, batch, heads, key_dim, value_dim,
         feature_map, normalize, required=False,
     )
-    if _as_int(chunk_size) is None or chunk_size < 1:
+    if as_int(chunk_size) is None or chunk_size < 1:
         raise ValueError(f"linear_attention: chunk_size must be a positive int, got {chunk_size!r}")
     _check_eps("linear_attention", eps, normalize)
 
@@ -118,7 +118,7 @@ def linear_attention(
         feature_map=feature_map,
         initial_state=initial_state,
         return_final_state=bool(return_final_state),
-        chunk_size=_as_int(chunk_size),
+        chunk_size=as_int(chunk_size),
         eps=float(eps),
     )
     if return_final_state:
@@ -181,12 +181,7 @@ def linear_attention_step(
 
 
 def _check_qkv(q, k, v):
-    for name, array in (("q", q), ("k", k), ("v", v)):
-        if getattr(array, "ndim", None) != 4:
-            raise ValueError(
-                f"linear_attention: {name} must be [batch, seq, heads, head_dim] (4 dims), "
-                f"got shape {getattr(array, 'shape', type(array).__name__)}"
-            )
+    check_bthd("linear_attention", q=q, k=k, v=v)
     if q.shape != k.shape:
         raise ValueError(f"linear_attention: q and k must have the same shape, got q {q.shape} and k {k.shape}")
     if v.shape[:3] != q.shape[:3]:
@@ -262,16 +257,6 @@ def _checked_state(op, name, state, batch, heads, key_dim, value_dim, feature_ma
 def _check_eps(op, eps, normalize):
     if normalize and not (isinstance(eps, numbers.Real) and not isinstance(eps, bool) and eps > 0):
         raise ValueError(f"{op}: eps must be a number > 0 (it keeps the normalizer nonzero), got {eps!r}")
-
-
-def _as_int(value) -> int | None:
-    """The value as a Python int if it is an integer (bools are not), else None."""
-    if isinstance(value, bool):
-        return None
-    try:
-        return operator.index(value)
-    except TypeError:
-        return None
 
 
 # --- the Pallas implementation: layout, padding and custom_vjp over a kernel module ---
