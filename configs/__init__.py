@@ -1,7 +1,8 @@
 """Presets: one Python file per preset, each with `get_config() -> TrainConfig`.
 
 A preset's name is its file name with dashes for underscores: `attention_125m.py`
-is `attention-125m`. Presets hold names and numbers only.
+is `attention-125m`; a dot in a size may be written either way (`based-1.3b` is
+`based_1_3b.py`). Presets hold names and numbers only.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ def preset_names() -> list[str]:
 
 def get_preset(name: str):
     names = preset_names()
+    name = name.replace(".", "-")
     if name not in names:
         close = difflib.get_close_matches(name, names, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""

@@ -9,10 +9,17 @@ attention mixers (the convolution gives the positional signal), one head.
 from arch.config import ModelConfig
 from train.config import DataConfig, LoggingConfig, OptimizerConfig, TrainConfig
 
-# Per mixer: ModelConfig fields of its MQAR model. Mixers not listed use one head and their defaults.
+# Per bench name: ModelConfig fields of its MQAR model, and "mixer" when the name is a variant
+# of a registered mixer (`--mixers based-f8`). Names not listed are mixers with one head and defaults.
 MIXER_SETTINGS = {
     "attention": {"n_heads": 1, "mixer_options": {"attention": {"rope": False}}},
     "sliding_window": {"n_heads": 1, "mixer_options": {"sliding_window": {"size": 16, "rope": False}}},
+    "based": {"n_heads": 1, "mixer_options": {"based": {"feature_dim": 16}}},
+    # BASED's MQAR sweep over the taylor2 feature dim (its state grows as 1 + d' + d'^2).
+    **{
+        f"based-f{dim}": {"mixer": "based", "n_heads": 1, "mixer_options": {"based": {"feature_dim": dim}}}
+        for dim in (8, 16, 24)
+    },
 }
 
 # zoology's MQAR sweep: lengths 64..512 with a pair per 16 tokens, widths 64..256, 4 learning rates.

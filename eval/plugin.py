@@ -85,7 +85,11 @@ def add_commands(commands) -> None:
     bench = commands.add_parser("bench", help="recall benchmarks: `memzoo bench mqar` (the zoology MQAR protocol)")
     bench.add_argument("benchmark", choices=["mqar"])
     bench.add_argument("--quick", action="store_true", help="the small grid (configs/mqar.py QUICK): ~10 min on a CPU")
-    bench.add_argument("--mixers", type=lambda text: _split(text, str), help="comma-separated mixer names")
+    bench.add_argument(
+        "--mixers",
+        type=lambda text: _split(text, str),
+        help="comma-separated mixer names, or variants from configs/mqar.py MIXER_SETTINGS (e.g. based-f8,based-f24)",
+    )
     bench.add_argument("--d-model", type=lambda text: _split(text, int), help="model widths, e.g. 64,128")
     bench.add_argument("--seq-len", type=lambda text: _split(text, int), help="training lengths, e.g. 64,128,256")
     bench.add_argument(

@@ -52,8 +52,13 @@ class MqarGrid:
     early_stop_accuracy: float = 0.99
     weight_decay: float = 0.1
     seed: int = 0
-    # Per mixer: n_heads and mixer_options for its ModelConfig (absent: one head, default options).
+    # Per bench name: n_heads and mixer_options for its ModelConfig (absent: one head, default options),
+    # and "mixer", the registered mixer, when the name is a variant such as "based-f8".
     mixer_settings: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+
+    def mixer_of(self, name: str) -> str:
+        """The registered mixer that bench name `name` runs."""
+        return self.mixer_settings.get(name, {}).get("mixer", name)
 
     def __post_init__(self):
         flags = {"mixers": "--mixers", "d_models": "--d-model", "seq_lens": "--seq-len", "kv_pairs": "--kv-pairs", "lrs": "--lrs"}
@@ -102,7 +107,7 @@ def train_config(grid: MqarGrid, point: MqarPoint, lr: float) -> TrainConfig:
             d_model=point.d_model,
             n_layers=2,
             n_heads=settings.get("n_heads", 1),
-            layers=("base_conv", point.mixer),
+            layers=("base_conv", grid.mixer_of(point.mixer)),
             mlp=False,
             mixer_options=dict(settings.get("mixer_options", {})),
             max_seq_len=longest,
@@ -204,7 +209,7 @@ def run(grid: MqarGrid, out_dir: pathlib.Path | None = None, *, log=sys.stderr) 
     from arch import registry
 
     for mixer in grid.mixers:
-        registry.get_spec(mixer)  # an unknown mixer fails before any training
+        registry.get_spec(grid.mixer_of(mixer))  # an unknown mixer fails before any training
     points = grid_points(grid)
     for point in points:
         for lr in grid.lrs:

@@ -10,6 +10,7 @@ from kernels.linear_attention import (
     linear_attention,
     linear_attention_step,
     taylor2_feature_map,
+    taylor2_quadratic_attention,
 )
 
 __all__ = [
@@ -27,4 +28,5 @@ __all__ = [
     "linear_attention",
     "linear_attention_step",
     "taylor2_feature_map",
+    "taylor2_quadratic_attention",
 ]

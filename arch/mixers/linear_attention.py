@@ -4,6 +4,10 @@
 dim per head and passed through a feature map (elu+1 by default, or the
 identity), optionally normalised. Its decode state is the op's recurrent state:
 S [H, F, Dv] and, when normalised, z [H, F], whatever the context length.
+
+`based` is the same mixer with BASED's defaults (Arora et al., 2024): the taylor2
+feature map over 16 projected dims, normalised, no rotary. Sequences up to
+`parallel_max_len` tokens take BASED's quadratic form, longer ones the chunked kernel.
 """
 
 from __future__ import annotations
@@ -38,9 +42,18 @@ class LinearAttentionOptions(MixerOptions):
     eps: float = 1e-6
     chunk_size: int = 64
     implementation: str = ""  # kernel implementation; "" picks the best for the backend
+    # Sequences up to this length use the quadratic form (taylor2 only); 0 means always the kernel.
+    parallel_max_len: int = 0
 
     def validate(self) -> None:
         self.check(self.feature_map in FEATURE_MAPS, "feature_map", f"must be one of {FEATURE_MAPS}")
+        self.check(self.parallel_max_len >= 0, "parallel_max_len", "must be >= 0 (0 never uses the quadratic form)")
+        self.check(
+            self.parallel_max_len == 0 or self.feature_map == "taylor2",
+            "parallel_max_len",
+            f"the quadratic form is taylor2's; set feature_map='taylor2' or parallel_max_len=0 "
+            f"(feature_map is {self.feature_map!r})",
+        )
         self.check(self.feature_dim >= 0, "feature_dim", "must be >= 0 (0 means the head dim)")
         self.check(self.eps > 0, "eps", "must be positive")
         self.check(self.chunk_size >= 1, "chunk_size", "must be a positive integer")
@@ -49,6 +62,18 @@ class LinearAttentionOptions(MixerOptions):
             "implementation",
             f"must be '' (automatic) or one of {kernels.IMPLEMENTATIONS}",
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class BasedOptions(LinearAttentionOptions):
+    """BASED's linear attention: eps as in the HazyResearch reference (its normaliser is >= 1/2 per key)."""
+
+    _path: ClassVar[str] = "model.mixer_options.based"
+
+    feature_map: str = "taylor2"
+    feature_dim: int = 16
+    normalize: bool = True
+    eps: float = 1e-12
 
 
 class LinearAttention(nnx.Module):
@@ -62,6 +87,7 @@ class LinearAttention(nnx.Module):
         self.eps = options.eps
         self.chunk_size = options.chunk_size
         self.implementation = options.implementation or None
+        self.parallel_max_len = options.parallel_max_len
         self.pointwise = options.feature_map if options.feature_map in POINTWISE_FEATURE_MAPS else None
         self.kernel_feature_map = "taylor2" if options.feature_map == "taylor2" else None
         self.dtype = compute_dtype(cfg)
@@ -105,6 +131,9 @@ class LinearAttention(nnx.Module):
                 "linear_attention does not take segment_ids: its state cannot be reset per packed segment; "
                 "train it on unpacked sequences"
             )
+        if x_BTD.shape[1] <= self.parallel_max_len:
+            q, k, v = self._project(x_BTD)
+            return self._output(kernels.taylor2_quadratic_attention(q, k, v, normalize=self.normalize, eps=self.eps))
         return self._output(self._run(x_BTD, None, False))
 
     def init_state(self, batch: int, max_len: int) -> kernels.LinearAttentionState:
@@ -139,4 +168,9 @@ register_mixer(
     "linear_attention",
     options=LinearAttentionOptions,
     description="causal linear attention (elu+1, identity or taylor2 feature map), constant-size state",
+)(LinearAttention)
+register_mixer(
+    "based",
+    options=BasedOptions,
+    description="BASED linear attention: taylor2 feature map over 16 dims, normalised; quadratic form up to parallel_max_len",
 )(LinearAttention)

@@ -8,6 +8,7 @@ from kernels.linear_attention.api import (
     linear_attention_step,
 )
 from kernels.linear_attention.feature_maps import taylor2_feature_map
+from kernels.linear_attention.reference import taylor2_quadratic_attention
 
 __all__ = [
     "LinearAttentionState",
@@ -15,4 +16,5 @@ __all__ = [
     "linear_attention",
     "linear_attention_step",
     "taylor2_feature_map",
+    "taylor2_quadratic_attention",
 ]

@@ -5,6 +5,9 @@ lax.scan, in float32. The oracle for every linear-attention test.
     z_t = exp(g_t) z_{t-1} + phi(k_t),          y_t /= phi(q_t) . z_t + eps   (normalize)
 
 exp(g_t) scales the state's rows: one factor per head, or one per feature channel.
+
+`taylor2_quadratic_attention` is BASED's quadratic (attention-matrix) form of the
+undecayed taylor2 case, which never builds the 1 + d + d^2 features.
 """
 
 from __future__ import annotations
@@ -13,6 +16,26 @@ import jax.numpy as jnp
 from jax import lax
 
 from kernels.linear_attention.feature_maps import apply_feature_map
+
+
+def taylor2_quadratic_attention(q, k, v, *, normalize: bool = True, eps: float = 1e-6):
+    """BASED's quadratic form: q, k [B,T,H,d], v [B,T,H,Dv] -> y [B,T,H,Dv] in v's dtype.
+
+        y_i = sum_{j<=i} A_ij v_j  [ / (sum_{j<=i} A_ij + eps)  when normalize ]
+        A_ij = 1 + s + s^2 / 2,  s = q_i . k_j / sqrt(d)
+
+    Equals `linear_attention(..., feature_map="taylor2")` without decay, since A_ij =
+    phi(q_i) . phi(k_j); O(T^2) work and memory in float32, cheaper for short sequences.
+    """
+    q, k = jnp.asarray(q, jnp.float32), jnp.asarray(k, jnp.float32)
+    length = q.shape[1]
+    s = jnp.einsum("bihd,bjhd->bhij", q, k, precision=lax.Precision.HIGHEST) / jnp.sqrt(float(q.shape[-1]))
+    causal = jnp.tril(jnp.ones((length, length), bool))
+    A = jnp.where(causal, 1.0 + s + 0.5 * s * s, 0.0)
+    y = jnp.einsum("bhij,bjhd->bihd", A, v.astype(jnp.float32), precision=lax.Precision.HIGHEST)
+    if normalize:
+        y = y / (jnp.swapaxes(jnp.sum(A, axis=-1), 1, 2)[..., None] + eps)
+    return y.astype(v.dtype)
 
 
 def token_step(S, z, phi_q, phi_k, v, decay, *, eps):

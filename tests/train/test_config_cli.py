@@ -57,6 +57,10 @@ def test_bad_overrides_fail_when_the_config_is_built(override, message):
         apply_overrides(load_config("tiny"), [override])
 
 
+def test_a_dotted_size_names_its_preset():
+    assert load_config("based-1.3b") == load_config("based-1-3b")
+
+
 def test_unknown_preset_lists_the_presets():
     with pytest.raises(ConfigError, match="presets: .*tiny"):
         load_config("tinyy")
