@@ -217,6 +217,16 @@ def _visibility(config, query_pos, key_pos, segment_q=None, segment_k=None):
     return visible
 
 
+def _masked_scores(config, scores, masked, query_pos, key_pos, segment_q, segment_k):
+    """Scores with invisible pairs set to _MASKED; a tile known fully visible skips the mask.
+
+    Positions and segment ids (None without segments) come shaped to broadcast to `scores`.
+    """
+    if not (masked or config.has_segments):
+        return scores
+    return jnp.where(_visibility(config, query_pos, key_pos, segment_q, segment_k), scores, _MASKED)
+
+
 # --- forward ---------------------------------------------------------------------
 
 
@@ -271,16 +281,11 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, config):
             keys = k_ref[pl.ds(first_key, bk), :]
             values = v_ref[pl.ds(first_key, bk), :]
             scores = plgpu.dot(q, keys, trans_b=True) * (config.scale * _LOG2_E)
-            if masked or config.has_segments:
-                key_pos = first_key + jnp.arange(bk)
-                if segment_ref is None:
-                    visible = _visibility(config, query_pos[:, None], key_pos[None, :])
-                else:
-                    segment_k = segment_ref[pl.ds(first_key, bk)]
-                    visible = _visibility(
-                        config, query_pos[:, None], key_pos[None, :], segment_q[:, None], segment_k[None, :]
-                    )
-                scores = jnp.where(visible, scores, _MASKED)
+            key_pos = first_key + jnp.arange(bk)
+            segments = (None, None)
+            if segment_ref is not None:
+                segments = (segment_q[:, None], segment_ref[pl.ds(first_key, bk)][None, :])
+            scores = _masked_scores(config, scores, masked, query_pos[:, None], key_pos[None, :], *segments)
             new_max = jnp.maximum(row_max, scores.max(axis=1))
             correction = jnp.exp2(row_max - new_max)
             probabilities = jnp.exp2(scores - new_max[:, None])
@@ -353,16 +358,11 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, config):
             keys = k_ref[pl.ds(first_key, bk), :]
             values = v_ref[pl.ds(first_key, bk), :]
             scores = plgpu.dot(q, keys, trans_b=True) * (config.scale * _LOG2_E)
-            if masked or config.has_segments:
-                key_pos = first_key + jnp.arange(bk)
-                if segment_ref is None:
-                    visible = _visibility(config, query_pos[:, None], key_pos[None, :])
-                else:
-                    segment_k = segment_ref[pl.ds(first_key, bk)]
-                    visible = _visibility(
-                        config, query_pos[:, None], key_pos[None, :], segment_q[:, None], segment_k[None, :]
-                    )
-                scores = jnp.where(visible, scores, _MASKED)
+            key_pos = first_key + jnp.arange(bk)
+            segments = (None, None)
+            if segment_ref is not None:
+                segments = (segment_q[:, None], segment_ref[pl.ds(first_key, bk)][None, :])
+            scores = _masked_scores(config, scores, masked, query_pos[:, None], key_pos[None, :], *segments)
             probabilities = jnp.exp2(scores - lse2[:, None])
             dprobabilities = plgpu.dot(do, values, trans_b=True)
             dscores = probabilities * (dprobabilities - delta[:, None])
@@ -427,16 +427,11 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, config, 
             lse2 = lse_ref[group_head, pl.ds(first_query, bq)]
             delta = delta_ref[group_head, pl.ds(first_query, bq)]
             scores = plgpu.dot(keys, q, trans_b=True) * (config.scale * _LOG2_E)
-            if masked or config.has_segments:
-                query_pos = first_query + jnp.arange(bq)
-                if segment_ref is None:
-                    visible = _visibility(config, query_pos[None, :], key_pos[:, None])
-                else:
-                    segment_q = segment_ref[pl.ds(first_query, bq)]
-                    visible = _visibility(
-                        config, query_pos[None, :], key_pos[:, None], segment_q[None, :], segment_k[:, None]
-                    )
-                scores = jnp.where(visible, scores, _MASKED)
+            query_pos = first_query + jnp.arange(bq)
+            segments = (None, None)
+            if segment_ref is not None:
+                segments = (segment_ref[pl.ds(first_query, bq)][None, :], segment_k[:, None])
+            scores = _masked_scores(config, scores, masked, query_pos[None, :], key_pos[:, None], *segments)
             probabilities = jnp.exp2(scores - lse2[None, :])
             dv = dv + plgpu.dot(probabilities.astype(do.dtype), do)
             dprobabilities = plgpu.dot(values, do, trans_b=True)
