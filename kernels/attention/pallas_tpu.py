@@ -190,6 +190,15 @@ def _when_visited(config, in_range, first_query, first_key, body):
     pl.when(in_range & jnp.logical_not(fully_visible))(lambda: body(True))
 
 
+def _query_major_segment_specs(bq, bk, key_index):
+    """Block specs of the segment ids for kernels gridded (batch, head, query block, visit):
+    the query block's ids as lane-broadcast columns, the visited key block's ids as rows."""
+    return [
+        pl.BlockSpec((None, bq, _LANES), lambda b, h, i, t, *_: (b, i, 0)),
+        pl.BlockSpec((None, _SUBLANES, bk), lambda b, h, i, t, *refs: (b, 0, key_index(b, h, i, t, *refs)[2])),
+    ]
+
+
 # --- forward ---------------------------------------------------------------------
 
 
@@ -211,10 +220,7 @@ def _forward(config, q, k, v, segment_columns, segment_rows):
     ]
     inputs = [q, k, v]
     if config.has_segments:
-        in_specs += [
-            pl.BlockSpec((None, bq, _LANES), lambda b, h, i, t, *_: (b, i, 0)),
-            pl.BlockSpec((None, _SUBLANES, bk), lambda b, h, i, t, *refs: (b, 0, key_index(b, h, i, t, *refs)[2])),
-        ]
+        in_specs += _query_major_segment_specs(bq, bk, key_index)
         inputs += [segment_columns, segment_rows]
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=3,
@@ -316,10 +322,7 @@ def _backward_dq(config, q, k, v, do, lse_rows, delta_rows, segment_columns, seg
     in_specs = [query_spec, key_spec, key_spec, query_spec, row_spec, row_spec]
     inputs = [q, k, v, do, lse_rows, delta_rows]
     if config.has_segments:
-        in_specs += [
-            pl.BlockSpec((None, bq, _LANES), lambda b, h, i, t, *_: (b, i, 0)),
-            pl.BlockSpec((None, _SUBLANES, bk), lambda b, h, i, t, *refs: (b, 0, key_index(b, h, i, t, *refs)[2])),
-        ]
+        in_specs += _query_major_segment_specs(bq, bk, key_index)
         inputs += [segment_columns, segment_rows]
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=3,
