@@ -12,11 +12,19 @@ from kernels.linear_attention import (
     taylor2_feature_map,
     taylor2_quadratic_attention,
 )
+from kernels.titans_memory import (
+    TitansMemoryState,
+    init_titans_memory_state,
+    memory_layer_shapes,
+    titans_memory,
+    titans_memory_step,
+)
 
 __all__ = [
     "IMPLEMENTATIONS",
     "KVCache",
     "LinearAttentionState",
+    "TitansMemoryState",
     "attention",
     "attention_decode",
     "available_ops",
@@ -25,8 +33,12 @@ __all__ = [
     "delta_rule_step",
     "init_kv_cache",
     "init_linear_attention_state",
+    "init_titans_memory_state",
     "linear_attention",
     "linear_attention_step",
+    "memory_layer_shapes",
     "taylor2_feature_map",
     "taylor2_quadratic_attention",
+    "titans_memory",
+    "titans_memory_step",
 ]
