@@ -161,7 +161,7 @@ def train_and_score(grid: MqarGrid, point: MqarPoint, lr: float, device) -> dict
     cfg = train_config(grid, point, lr)
     mesh = shd.make_mesh(cfg.mesh, [device])
     started = time.perf_counter()
-    with jax.set_mesh(mesh):
+    with shd.use_mesh(mesh):
         trainer = make_trainer(cfg, mesh)
         accuracy_step = _accuracy_step(trainer, data_lib.labels_per_example(cfg.data))
         state = trainer.init_state()

@@ -2,6 +2,7 @@
 `implementation=` choice ("reference", "xla", "pallas"; None picks the backend default)."""
 
 from kernels._backend import IMPLEMENTATIONS, available_ops, default_implementation
+from kernels._sharding import kernel_partition
 from kernels.attention import KVCache, attention, attention_decode, init_kv_cache
 from kernels.delta_rule import delta_rule, delta_rule_step
 from kernels.linear_attention import (
@@ -34,6 +35,7 @@ __all__ = [
     "init_kv_cache",
     "init_linear_attention_state",
     "init_titans_memory_state",
+    "kernel_partition",
     "linear_attention",
     "linear_attention_step",
     "memory_layer_shapes",

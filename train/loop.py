@@ -145,7 +145,7 @@ def train(
     if resume:
         _check_resumable(checkpointer.restore_config(), cfg)
 
-    with jax.set_mesh(mesh):
+    with shd.use_mesh(mesh):
         trainer = make_trainer(cfg, mesh)
         iterator = data_lib.train_iterator(
             cfg.data, process_index=jax.process_index(), process_count=jax.process_count()

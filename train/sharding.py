@@ -7,14 +7,16 @@ model parallelism over heads and MLP width). The batch is split over data×fsdp.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+import kernels
 from arch.config import ConfigError
 from train.config import MeshConfig
 
@@ -60,6 +62,14 @@ def make_mesh(cfg: MeshConfig, devices: list | None = None) -> jax.sharding.Mesh
         axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
         devices=devices,
     )
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: jax.sharding.Mesh) -> Iterator[None]:
+    """Make `mesh` the current mesh, with the Pallas kernels split over it as the rule
+    table splits activations: batch over data×fsdp, heads over tensor."""
+    with jax.set_mesh(mesh), kernels.kernel_partition(batch=BATCH_AXES, heads=LOGICAL_AXIS_RULES["heads"]):
+        yield
 
 
 def logical_to_mesh_spec(logical_axes: tuple, shape: tuple[int, ...], mesh: jax.sharding.Mesh) -> PartitionSpec:

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels import _backend
+from kernels._sharding import per_shard
 from kernels._checks import as_int, check_bthd
 from kernels.attention import reference, xla
 
@@ -250,13 +251,27 @@ def _pallas_attention_decode(q, k, v, cache, **options):
 
 _backend.register_op(
     "attention",
-    {"reference": reference.attention, "xla": xla.attention, "pallas": _pallas_attention},
+    {
+        "reference": reference.attention,
+        "xla": xla.attention,
+        "pallas": per_shard(
+            _pallas_attention,
+            arg_layouts=("BTH", "BTH", "BTH"),
+            kwarg_layouts={"segment_ids": "BT"},
+            out_layouts="BTH",
+        ),
+    },
 )
 _backend.register_op(
     "attention_decode",
     {
         "reference": reference.attention_decode,
         "xla": xla.attention_decode,
-        "pallas": _pallas_attention_decode,
+        "pallas": per_shard(
+            _pallas_attention_decode,
+            arg_layouts=("BTH", "BTH", "BTH", KVCache(k="BTH", v="BTH", slot_pos="", length="")),
+            kwarg_layouts={},
+            out_layouts="BTH",
+        ),
     },
 )

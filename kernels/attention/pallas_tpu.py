@@ -140,20 +140,21 @@ _flash_attention.defvjp(_flash_attention_forward, _flash_attention_backward)
 
 def _key_block_plan(config, num_q_blocks):
     """Per query block (int32 [num_q_blocks] each): prefix blocks, first window block,
-    number of visits; and the most visits of any query block (the grid's extent)."""
-    with jax.ensure_compile_time_eval():
-        plan = xla._key_blocks_to_visit(config, jnp.arange(num_q_blocks))
-        tables = tuple(jnp.broadcast_to(jnp.asarray(x, jnp.int32), (num_q_blocks,)) for x in plan)
-        return tables, int(jnp.max(tables[2]))
+    number of visits; and the most visits of any query block (the grid's extent).
+    Computed in NumPy: the plan is static, and constants built with jnp under a
+    shard_map trace would take the manual sharding of the mesh."""
+    plan = xla._key_blocks_to_visit(config, np.arange(num_q_blocks), xp=np)
+    tables = tuple(np.broadcast_to(np.asarray(x, np.int32), (num_q_blocks,)) for x in plan)
+    return tuple(jnp.asarray(table) for table in tables), int(np.max(tables[2]))
 
 
 def _query_block_plan(config, num_q_blocks, num_k_blocks):
-    """Per key block: first query block that sees it and how many do; the most of any."""
-    with jax.ensure_compile_time_eval():
-        first, stop = xla._query_blocks_that_see(config, jnp.arange(num_k_blocks), num_q_blocks)
-        first = jnp.broadcast_to(jnp.asarray(first, jnp.int32), (num_k_blocks,))
-        count = jnp.broadcast_to(jnp.asarray(stop, jnp.int32), (num_k_blocks,)) - first
-        return (first, count), int(jnp.max(count))
+    """Per key block (int32 [num_k_blocks] each): first query block that sees it and the
+    number of query blocks that do; and the most of any key block (the grid's extent)."""
+    first, stop = xla._query_blocks_that_see(config, np.arange(num_k_blocks), num_q_blocks, xp=np)
+    first = np.broadcast_to(np.asarray(first, np.int32), (num_k_blocks,))
+    count = np.broadcast_to(np.asarray(stop, np.int32), (num_k_blocks,)) - first
+    return (jnp.asarray(first), jnp.asarray(count)), int(np.max(count))
 
 
 def _visited_key_block(num_prefix_ref, window_start_ref, num_visits_ref, q_block, visit):

@@ -268,30 +268,32 @@ def _backward(static, residuals, do_blocks):
 _blocked_attention.defvjp(_forward_with_residuals, _backward)
 
 
-def _key_blocks_to_visit(static, q_block_index):
-    """(number of prefix blocks, first window block, total visits) for one query block."""
+def _key_blocks_to_visit(static, q_block_index, xp=jnp):
+    """(number of prefix blocks, first window block, total visits) for one query block.
+
+    xp: the array module, numpy for the static block plans of the Pallas kernels."""
     first_query = q_block_index * static.block_q
     last_key_block = (first_query + static.block_q - 1) // static.block_k
     if static.window is None:
         return 0, 0, last_key_block + 1
-    num_prefix_blocks = jnp.minimum(-(-static.prefix // static.block_k), last_key_block + 1)
-    first_window_block = jnp.maximum(first_query - static.window + 1, 0) // static.block_k
+    num_prefix_blocks = xp.minimum(-(-static.prefix // static.block_k), last_key_block + 1)
+    first_window_block = xp.maximum(first_query - static.window + 1, 0) // static.block_k
     # Prefix blocks that overlap the window were already visited as prefix blocks.
-    window_start = jnp.maximum(first_window_block, num_prefix_blocks)
-    num_window_blocks = jnp.maximum(last_key_block - window_start + 1, 0)
+    window_start = xp.maximum(first_window_block, num_prefix_blocks)
+    num_window_blocks = xp.maximum(last_key_block - window_start + 1, 0)
     return num_prefix_blocks, window_start, num_prefix_blocks + num_window_blocks
 
 
-def _query_blocks_that_see(static, k_block_index, num_q_blocks):
+def _query_blocks_that_see(static, k_block_index, num_q_blocks, xp=jnp):
     """[first, stop) range of query blocks with at least one query that may see this key block."""
     first_key = k_block_index * static.block_k
     first_q_block = first_key // static.block_q
     if static.window is None:
         return first_q_block, num_q_blocks
     last_key = first_key + static.block_k - 1
-    window_stop = jnp.minimum((last_key + static.window - 1) // static.block_q + 1, num_q_blocks)
+    window_stop = xp.minimum((last_key + static.window - 1) // static.block_q + 1, num_q_blocks)
     # A block holding prefix positions is seen by every later query.
-    return first_q_block, jnp.where(first_key < static.prefix, num_q_blocks, window_stop)
+    return first_q_block, xp.where(first_key < static.prefix, num_q_blocks, window_stop)
 
 
 def _visible(window, prefix, query_positions, key_positions, segment_q, segment_k):

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from kernels import _backend
+from kernels._sharding import per_shard
 from kernels._checks import as_int
 from kernels.delta_rule import reference, xla
 
@@ -184,5 +185,15 @@ def _pallas(q, k, v, beta, **options):
 
 
 _backend.register_op(
-    "delta_rule", {"reference": reference.delta_rule, "xla": xla.delta_rule, "pallas": _pallas}
+    "delta_rule",
+    {
+        "reference": reference.delta_rule,
+        "xla": xla.delta_rule,
+        "pallas": per_shard(
+            _pallas,
+            arg_layouts=("BTH", "BTH", "BTH", "BTH"),
+            kwarg_layouts={"log_decay": "BTH", "segment_starts": "BT", "initial_state": "BH"},
+            out_layouts=("BTH", "BH"),
+        ),
+    },
 )

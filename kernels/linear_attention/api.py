@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels import _backend
+from kernels._sharding import per_shard
 from kernels._checks import as_int, check_bthd
 from kernels.linear_attention import kernel_math, reference, xla
 from kernels.linear_attention.feature_maps import FEATURE_MAPS, apply_feature_map, feature_dim
@@ -407,5 +408,14 @@ def _merge_state(pieces):
 
 _backend.register_op(
     "linear_attention",
-    {"reference": reference.linear_attention, "xla": xla.linear_attention, "pallas": _pallas_on_this_backend},
+    {
+        "reference": reference.linear_attention,
+        "xla": xla.linear_attention,
+        "pallas": per_shard(
+            _pallas_on_this_backend,
+            arg_layouts=("BTH", "BTH", "BTH"),
+            kwarg_layouts={"log_decay": "BTH", "initial_state": "BH"},
+            out_layouts=("BTH", "BH"),
+        ),
+    },
 )

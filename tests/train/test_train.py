@@ -160,3 +160,29 @@ def test_sharded_step_equals_single_device_step(corpus, mesh_cfg):
     # The parameters really are spread over the mesh, not replicated.
     kernel = state["params"]["blocks"][0]["mlp"]["gate"]["kernel"]
     assert not kernel.sharding.is_fully_replicated
+
+
+def test_sharded_step_runs_pallas_kernels_per_shard(corpus):
+    """Under the training mesh the Pallas attention runs per shard (batch over data×fsdp,
+    heads over tensor) and the step's loss equals the single-device one."""
+    devices = jax.local_devices()
+    model = ModelConfig(
+        vocab_size=256, d_model=32, n_layers=1, n_heads=2, max_seq_len=64,
+        mixer_options={"attention": {"implementation": "pallas"}},
+    )
+    cfg = small_config(corpus, model=model)
+    batch = next(data_lib.train_iterator(cfg.data))
+
+    def first_loss(mesh, per_shard):
+        with shd.use_mesh(mesh):
+            trainer = make_trainer(cfg, mesh)
+            step = jax.jit(trainer.train_step)
+            global_batch = shd.global_batch(batch, mesh)
+            state = trainer.init_state()
+            assert ("shard_map" in str(jax.make_jaxpr(trainer.train_step)(state, global_batch))) == per_shard
+            _, metrics = step(state, global_batch)
+            return float(metrics["loss"])
+
+    single = first_loss(shd.make_mesh(MeshConfig(data=1), devices[:1]), per_shard=False)
+    sharded = first_loss(shd.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2), devices), per_shard=True)
+    np.testing.assert_allclose(sharded, single, rtol=2e-5)
