@@ -15,6 +15,15 @@ MIXER_SETTINGS = {
     "attention": {"n_heads": 1, "mixer_options": {"attention": {"rope": False}}},
     "sliding_window": {"n_heads": 1, "mixer_options": {"sliding_window": {"size": 16, "rope": False}}},
     "based": {"n_heads": 1, "mixer_options": {"based": {"feature_dim": 16}}},
+    # The feature-map baselines BASED is compared with, at the model's head dim.
+    **{
+        f"linear_attention-{feature_map}": {
+            "mixer": "linear_attention",
+            "n_heads": 1,
+            "mixer_options": {"linear_attention": {"feature_map": feature_map}},
+        }
+        for feature_map in ("elu1", "identity")
+    },
     # BASED's MQAR sweep over the taylor2 feature dim (its state grows as 1 + d' + d'^2).
     **{
         f"based-f{dim}": {"mixer": "based", "n_heads": 1, "mixer_options": {"based": {"feature_dim": dim}}}
