@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from kernels import _backend
 from kernels._checks import as_int, check_qkv
-from kernels.titans_memory import reference
+from kernels.titans_memory import reference, xla
 
 ACTIVATIONS = ("gelu", "silu")
 
@@ -273,5 +273,5 @@ def _check_state_fits(op, name, state, q, v):
         )
 
 
-_IMPLEMENTATIONS = {"reference": reference.titans_memory}
+_IMPLEMENTATIONS = {"reference": reference.titans_memory, "xla": xla.titans_memory}
 _backend.register_op("titans_memory", _IMPLEMENTATIONS)

@@ -1,0 +1,88 @@
+"""The Titans memory in chunks, pure JAX: lax.scan over chunks carrying (A, W, S), the
+dual form of `kernels.titans_memory.chunked` inside, vmapped over batch and heads.
+
+Gradients come from autodiff. A plain scan would save the carry of every chunk,
+(T/C)·|W| floats; instead the chunks are scanned in about sqrt(T/C) groups of about
+sqrt(T/C) chunks, each group under jax.checkpoint: the backward keeps only the group
+boundaries' carries and recomputes one group at a time, O(sqrt(T/C)·|W|) memory.
+Chunks added to fill the last group are all padding, exact no-ops.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from kernels.titans_memory import chunked
+
+
+def titans_memory(q, k, v, lr, log_momentum, log_retain, state, *, chunk_size, activation, aligned):
+    """q, k [B,T,H,Dk], v [B,T,H,Dv], lr [B,T,H], log_momentum and log_retain [B,T,H]
+    float32 or None, state a float32 TitansMemoryState -> (y [B,T,H,Dv] in v's dtype,
+    final state). aligned: the state's offset is known to be 0."""
+    return run_placed(run_chunks, q, k, v, lr, log_momentum, log_retain, state, chunk_size=chunk_size,
+                      activation=activation, aligned=aligned)
+
+
+def run_placed(run, q, k, v, lr, log_momentum, log_retain, state, *, chunk_size, activation, aligned, interpret=False):
+    """Place the tokens on the chunk schedule, run(config, placed inputs, carry) ->
+    (y slots, carry), and take the outputs and the final state back. Shared with the
+    Pallas kernels."""
+    seq_len = q.shape[1]
+    placed, front = chunked.place_tokens(
+        chunk_size, q, k, v, lr, log_momentum, log_retain, state.offset, aligned=aligned
+    )
+    config = chunked.ChunkConfig(chunk_size, activation, log_momentum is not None, interpret)
+    y, (anchor, weights, momentum) = run(config, placed, (state.anchor, state.weights, state.momentum))
+    final_state = type(state)(
+        weights, momentum, anchor, chunked.next_offset(state.offset, seq_len, chunk_size)
+    )
+    return chunked.take_tokens(y, front, seq_len).astype(v.dtype), final_state
+
+
+def run_chunks(config: chunked.ChunkConfig, placed: chunked.PlacedInputs, carry):
+    """placed [B,T',H,...] with T' a multiple of the chunk; carry (A, W, S) tuples of
+    [B,H,din,dout] float32 -> (y [B,T',H,Dv] float32, carry after the last chunk)."""
+    batch, padded_len, heads, _ = placed.q.shape
+    c = config.chunk_size
+    num_chunks = padded_len // c
+    group = math.isqrt(num_chunks - 1) + 1 if num_chunks > 1 else 1  # ceil(sqrt(N))
+    num_groups = -(-num_chunks // group)
+    extra_len = (num_groups * group - num_chunks) * c
+
+    def by_group(x):
+        """[B,T',H,...] -> [groups, chunks per group, B, C, H, ...], float32."""
+        x = jnp.pad(x.astype(jnp.float32), [(0, 0), (0, extra_len)] + [(0, 0)] * (x.ndim - 2))
+        x = x.reshape(batch, num_groups, group, c, *x.shape[2:])
+        return jnp.moveaxis(x, 0, 2)
+
+    tokens = [placed.q, placed.k, placed.v, placed.theta, placed.log_retain, placed.log_momentum, placed.mask]
+    tokens = [None if x is None else by_group(x) for x in tokens]
+
+    def one_head(carry, q, k, v, theta, log_retain, log_momentum, mask):
+        column = lambda x: None if x is None else x[:, None]
+        return chunked.chunk_forward(
+            carry, q, k, v, column(theta), column(log_retain), column(log_momentum), column(mask),
+            activation=config.activation,
+        )
+
+    # Carry [B,H,din,dout]: heads on axis 0 once batch is mapped; tokens [B,C,H,...]: axis 1.
+    per_head = jax.vmap(one_head, in_axes=(0, 1, 1, 1, 1, 1, 1, 1), out_axes=(1, 0))
+    per_chunk = jax.vmap(per_head)
+
+    def chunk_step(carry, chunk):
+        y, carry = per_chunk(carry, *chunk)
+        return carry, y
+
+    @jax.checkpoint
+    def group_step(carry, chunks):
+        return lax.scan(chunk_step, carry, chunks)
+
+    carry, y = lax.scan(group_step, carry, tokens)
+    # [groups, per group, B, C, H, Dv] -> [B, T', H, Dv]
+    y = jnp.moveaxis(y, 2, 0).reshape(batch, num_groups * group * c, heads, -1)
+    return y[:, :padded_len], carry
+
