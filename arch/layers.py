@@ -1,4 +1,5 @@
-"""Building blocks shared by every model: projections, RMSNorm, SwiGLU MLP and rotary embeddings.
+"""Building blocks shared by every model: projections, RMSNorm, SwiGLU MLP, rotary embeddings,
+causal short convolutions and persistent tokens.
 
 Parameters are float32 and carry logical axis names (`embed`, `heads`, `mlp`,
 `vocab`) through `nnx.with_partitioning`; `train.sharding` maps those names onto
@@ -98,3 +99,75 @@ def positions_from_segments(segment_ids_BT: jax.Array) -> jax.Array:
     )
     segment_start = jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
     return index - segment_start
+
+
+def short_conv_weight(kernel_size: int, channels: int, axis_name: str | None, *, rngs: nnx.Rngs) -> nnx.Param:
+    """A depthwise convolution kernel [kernel_size, channels] with PyTorch's Conv1d default init
+    (uniform within 1/sqrt(fan_in), fan_in = kernel_size), as BASED and Titans train with."""
+    init = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform", in_axis=0, out_axis=1)
+    return nnx.Param(init(rngs.params(), (kernel_size, channels), jnp.float32), out_sharding=(None, axis_name))
+
+
+def causal_depthwise_conv(
+    window_BSC: jax.Array, weight_KC: jax.Array, segment_ids_BS: jax.Array | None = None
+) -> jax.Array:
+    """Float32 outputs for the last S - (K - 1) positions of `window`, each from itself and its K - 1 predecessors.
+
+    Tap j of the kernel weighs the input K - 1 - j positions back (tap K - 1 is the current token).
+    With segment ids (aligned with the window), a tap never reads another segment's token.
+    """
+    k = weight_KC.shape[0]
+    length = window_BSC.shape[1] - (k - 1)
+    out = jnp.zeros((window_BSC.shape[0], length, window_BSC.shape[2]), jnp.float32)
+    for tap in range(k):
+        term = window_BSC[:, tap : tap + length] * weight_KC[tap]
+        if segment_ids_BS is not None:
+            same = segment_ids_BS[:, tap : tap + length] == segment_ids_BS[:, k - 1 :]
+            term = jnp.where(same[..., None], term, 0)
+        out = out + term.astype(jnp.float32)
+    return out
+
+
+class ShortConv(nnx.Module):
+    """Causal depthwise convolution over the last `kernel_size` tokens, channels last.
+
+    The decode state is the last kernel_size - 1 inputs [B, kernel_size - 1, C], zeros
+    before the first token, so a call with a carried state continues the previous one.
+    """
+
+    def __init__(self, channels: int, kernel_size: int, cfg: ModelConfig, *, axis_name: str | None, rngs: nnx.Rngs):
+        self.channels = channels
+        self.kernel_size = kernel_size
+        self.dtype = compute_dtype(cfg)
+        self.weight = short_conv_weight(kernel_size, channels, axis_name, rngs=rngs)
+
+    def init_state(self, batch: int) -> jax.Array:
+        return jnp.zeros((batch, self.kernel_size - 1, self.channels), self.dtype)
+
+    def __call__(self, x_BTC: jax.Array, state: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(float32 outputs [B, T, C], the new state)."""
+        window = jnp.concatenate([state, x_BTC.astype(self.dtype)], axis=1)
+        out = causal_depthwise_conv(window, self.weight[...].astype(self.dtype))
+        return out, window[:, window.shape[1] - (self.kernel_size - 1) :]
+
+
+class PersistentTokens(nnx.Module):
+    """N learned d_model vectors a mixer puts before its input (Titans' persistent memory).
+
+    They stand in for block inputs, which the pre-norm brings to unit RMS, so they start at unit scale.
+    """
+
+    def __init__(self, count: int, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.count = count
+        self.dtype = compute_dtype(cfg)
+        self.tokens = nnx.Param(
+            nnx.initializers.normal(1.0)(rngs.params(), (count, cfg.d_model), jnp.float32), out_sharding=(None, "embed")
+        )
+
+    def batch(self, batch: int) -> jax.Array:
+        """The tokens for every row [B, N, D], in the compute dtype."""
+        tokens = self.tokens[...].astype(self.dtype)
+        return jnp.broadcast_to(tokens[None], (batch, *tokens.shape))
+
+    def prepend(self, x_BTD: jax.Array) -> jax.Array:
+        return jnp.concatenate([self.batch(x_BTD.shape[0]), x_BTD], axis=1)

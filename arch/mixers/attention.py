@@ -2,6 +2,9 @@
 
 Both use rotary position embeddings and the shared `kernels.attention` op; their
 decode state is the op's KV cache, a ring buffer of the window when windowed.
+With `persistent_tokens` = N > 0 (Titans' persistent memory, used by the MAL preset),
+N learned vectors sit before the sequence at positions 0..N-1; their keys and values
+are a prefix every token sees, inside or beyond the window.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from flax import nnx
 
 import kernels
 from arch.config import ModelConfig
-from arch.layers import compute_dtype, dense, output_std, rotary
+from arch.layers import PersistentTokens, compute_dtype, dense, output_std, rotary
 from arch.registry import MixerOptions, register_mixer
 
 
@@ -25,10 +28,14 @@ class AttentionOptions(MixerOptions):
 
     rope: bool = True
     implementation: str = ""  # kernel implementation; "" picks the best for the backend
+    persistent_tokens: int = 0  # learned always-visible prefix tokens; 0 = none
 
     @property
     def window(self) -> int | None:
         return None
+
+    def validate(self) -> None:
+        self.check(self.persistent_tokens >= 0, "persistent_tokens", "must be >= 0 (0 means none)")
 
     def check_model(self, model: ModelConfig) -> None:
         self.check(
@@ -54,6 +61,7 @@ class SlidingWindowOptions(AttentionOptions):
         return self.size
 
     def validate(self) -> None:
+        super().validate()
         self.check(self.size >= 1, "size", "the window must hold at least one token")
 
 
@@ -74,6 +82,8 @@ class Attention(nnx.Module):
         self.k_proj = dense(d, kv, ("embed", "heads"), cfg, rngs=rngs)
         self.v_proj = dense(d, kv, ("embed", "heads"), cfg, rngs=rngs)
         self.o_proj = dense(h, d, ("heads", "embed"), cfg, rngs=rngs, std=output_std(cfg))
+        self.prefix = options.persistent_tokens
+        self.persistent = PersistentTokens(self.prefix, cfg, rngs=rngs) if self.prefix else None
 
     def _project(self, x_BTD: jax.Array, positions_BT: jax.Array):
         batch, length, _ = x_BTD.shape
@@ -93,24 +103,52 @@ class Attention(nnx.Module):
         batch, length, _ = x_BTD.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
+        if self.persistent is not None:
+            if segment_ids is not None:
+                raise ValueError(
+                    "attention with persistent_tokens does not take segment_ids: the persistent prefix would "
+                    "belong to one packed segment only; train it on unpacked sequences"
+                )
+            x_BTD = self.persistent.prepend(x_BTD)
+            prefix_positions = jnp.broadcast_to(jnp.arange(self.prefix), (batch, self.prefix))
+            positions = jnp.concatenate([prefix_positions, positions + self.prefix], axis=1)
         q, k, v = self._project(x_BTD, positions)
         o = kernels.attention(
-            q, k, v, window=self.window, segment_ids=segment_ids, implementation=self.implementation
+            q,
+            k,
+            v,
+            window=self.window,
+            prefix=self.prefix,
+            segment_ids=segment_ids,
+            implementation=self.implementation,
         )
-        return self._output(o)
+        return self._output(o[:, self.prefix :])
 
     def init_state(self, batch: int, max_len: int) -> kernels.KVCache:
-        return kernels.init_kv_cache(
-            batch, max_len, self.n_kv_heads, self.head_dim, window=self.window, dtype=self.dtype
+        """An empty cache, or one holding the persistent tokens' keys and values."""
+        cache = kernels.init_kv_cache(
+            batch,
+            self.prefix + max_len,
+            self.n_kv_heads,
+            self.head_dim,
+            window=self.window,
+            prefix=self.prefix,
+            dtype=self.dtype,
+        )
+        if self.persistent is not None:
+            _, cache = self._attend_cached(self.persistent.batch(batch), cache)
+        return cache
+
+    def _attend_cached(self, x_BTD, cache: kernels.KVCache):
+        batch, length, _ = x_BTD.shape
+        positions = jnp.broadcast_to(cache.length + jnp.arange(length), (batch, length))
+        q, k, v = self._project(x_BTD, positions)
+        return kernels.attention_decode(
+            q, k, v, cache, window=self.window, prefix=self.prefix, implementation=self.implementation
         )
 
     def prefill(self, x_BTD, state: kernels.KVCache):
-        batch, length, _ = x_BTD.shape
-        positions = jnp.broadcast_to(state.length + jnp.arange(length), (batch, length))
-        q, k, v = self._project(x_BTD, positions)
-        o, state = kernels.attention_decode(
-            q, k, v, state, window=self.window, implementation=self.implementation
-        )
+        o, state = self._attend_cached(x_BTD, state)
         return self._output(o), state
 
     def step(self, x_BD, state: kernels.KVCache):
@@ -118,8 +156,8 @@ class Attention(nnx.Module):
         return y[:, 0], state
 
     def state_bytes(self, batch: int, length: int) -> int:
-        """Bytes of the KV cache after `length` tokens (what decoding must keep)."""
-        held = length if self.window is None else min(length, self.window)
+        """Bytes of the KV cache after `length` tokens (what decoding must keep), persistent tokens included."""
+        held = self.prefix + (length if self.window is None else min(length, self.window))
         return 2 * batch * held * self.n_kv_heads * self.head_dim * jnp.dtype(self.dtype).itemsize
 
 

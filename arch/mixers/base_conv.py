@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from arch.config import ModelConfig
-from arch.layers import compute_dtype, dense, output_std
+from arch.layers import causal_depthwise_conv, compute_dtype, dense, output_std, short_conv_weight
 from arch.registry import MixerOptions, register_mixer
 
 
@@ -51,28 +51,12 @@ class BaseConv(nnx.Module):
         self.conv_proj = dense(cfg.d_model, self.inner, ("embed", "mlp"), cfg, rngs=rngs, use_bias=True)
         self.gate_proj = dense(cfg.d_model, self.inner, ("embed", "mlp"), cfg, rngs=rngs, use_bias=True)
         self.out_proj = dense(self.inner, cfg.d_model, ("mlp", "embed"), cfg, rngs=rngs, use_bias=True, std=output_std(cfg))
-        # PyTorch's Conv1d default (uniform within 1/sqrt(fan_in), fan_in = kernel_size), as BASED trains with.
-        init = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform", in_axis=0, out_axis=1)
-        self.conv_weight = nnx.Param(
-            init(rngs.params(), (self.kernel_size, self.inner), jnp.float32), out_sharding=(None, "mlp")
-        )
+        self.conv_weight = short_conv_weight(self.kernel_size, self.inner, "mlp", rngs=rngs)
 
     def _convolve(self, window_BSI: jax.Array, segment_ids_BS: jax.Array | None = None) -> jax.Array:
-        """Outputs for the last S - (k - 1) positions of `window`, each from itself and its k - 1 predecessors.
-
-        Tap j of the kernel weighs the input k - 1 - j positions back (tap k - 1 is the current token).
-        """
-        k = self.kernel_size
-        length = window_BSI.shape[1] - (k - 1)
+        """SiLU of the causal convolution for the last S - (k - 1) positions of `window`."""
         weight = self.conv_weight[...].astype(self.dtype)
-        out = jnp.zeros((window_BSI.shape[0], length, self.inner), jnp.float32)
-        for tap in range(k):
-            term = window_BSI[:, tap : tap + length] * weight[tap]
-            if segment_ids_BS is not None:
-                same = segment_ids_BS[:, tap : tap + length] == segment_ids_BS[:, k - 1 :]
-                term = jnp.where(same[..., None], term, 0)
-            out = out + term.astype(jnp.float32)
-        return jax.nn.silu(out).astype(self.dtype)
+        return jax.nn.silu(causal_depthwise_conv(window_BSI, weight, segment_ids_BS)).astype(self.dtype)
 
     def _output(self, conv_BTI: jax.Array, x_BTD: jax.Array) -> jax.Array:
         return self.out_proj(conv_BTI * self.gate_proj(x_BTD))
