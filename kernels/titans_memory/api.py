@@ -273,5 +273,12 @@ def _check_state_fits(op, name, state, q, v):
         )
 
 
-_IMPLEMENTATIONS = {"reference": reference.titans_memory, "xla": xla.titans_memory}
-_backend.register_op("titans_memory", _IMPLEMENTATIONS)
+def _pallas(*args, **options):
+    """The Pallas kernel for the default backend (interpreted on CPU)."""
+    kernel_module = _backend.pallas_kernel_module("titans_memory")
+    return kernel_module.titans_memory(*args, interpret=_backend.interpret_mode(), **options)
+
+
+_backend.register_op(
+    "titans_memory", {"reference": reference.titans_memory, "xla": xla.titans_memory, "pallas": _pallas}
+)

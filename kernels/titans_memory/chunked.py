@@ -247,6 +247,29 @@ def place_tokens(chunk_size, q, k, v, lr, log_momentum, log_retain, offset, *, a
     return PlacedInputs(q, k, v, theta, log_retain, log_momentum, rest[-1]), front
 
 
+def kernel_token_inputs(placed: PlacedInputs):
+    """The per-token arrays a kernel reads, in the order `split_chunk_values` expects."""
+    optional = [] if placed.log_momentum is None else [placed.log_momentum]
+    return [placed.q, placed.k, placed.v, placed.theta, placed.log_retain, *optional, placed.mask]
+
+
+def split_chunk_values(values, has_momentum):
+    """One chunk's values of `kernel_token_inputs` -> (q, k, v, theta, log_retain,
+    log_momentum or None, mask), float32."""
+    q, k, v, theta, log_retain, *rest = (x.astype(jnp.float32) for x in values)
+    return q, k, v, theta, log_retain, (rest[0] if has_momentum else None), rest[-1]
+
+
+def flatten_carry(carry):
+    """(A, W, S) tuples of layers -> one list: A_1..A_L, W_1..W_L, S_1..S_L."""
+    return [x for part in carry for x in part]
+
+
+def unflatten_carry(values, depth):
+    """The inverse of `flatten_carry`."""
+    return tuple(tuple(values[i * depth : (i + 1) * depth]) for i in range(3))
+
+
 def take_tokens(y, front, seq_len):
     """The real tokens' outputs back from the chunk slots [B,T',H,Dv] -> [B,T,H,Dv]."""
     return lax.dynamic_slice_in_dim(y, front, seq_len, axis=1)

@@ -10,6 +10,7 @@ Chunks added to fill the last group are all padding, exact no-ops.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -86,3 +87,37 @@ def run_chunks(config: chunked.ChunkConfig, placed: chunked.PlacedInputs, carry)
     y = jnp.moveaxis(y, 2, 0).reshape(batch, num_groups * group * c, heads, -1)
     return y[:, :padded_len], carry
 
+
+
+def with_xla_gradient(kernel_run):
+    """kernel_run(config, placed, carry) -> (y, carry), differentiable: its backward is
+    the VJP of `run_chunks` (the forward recomputed in XLA, checkpointed by groups)."""
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+    def run(config, placed, carry):
+        return kernel_run(config, placed, carry)
+
+    def run_forward(config, placed, carry):
+        return kernel_run(config, placed, carry), (placed, carry)
+
+    def run_backward(config, residuals, cotangents):
+        _, pullback = jax.vjp(functools.partial(run_chunks, config), *residuals)
+        return pullback(cotangents)
+
+    run.defvjp(run_forward, run_backward)
+    return run
+
+
+def check_pallas_arguments(chunk_size, state, backend_name):
+    """The Pallas kernels cover memory depths 1 and 2 and power-of-two chunks."""
+    depth = len(state.weights)
+    if depth not in (1, 2):
+        raise ValueError(
+            f"titans_memory: the Pallas {backend_name} kernels cover memory depth 1 and 2, got depth "
+            f"{depth}; use implementation='xla'"
+        )
+    if chunk_size & (chunk_size - 1):
+        raise ValueError(
+            f"titans_memory: the Pallas {backend_name} kernels need a power-of-two chunk_size, got "
+            f"{chunk_size}; use implementation='xla'"
+        )

@@ -12,13 +12,15 @@ import numpy as np
 import pytest
 
 import kernels
-from kernels.titans_memory import reference
+from kernels.titans_memory import pallas_gpu, pallas_tpu, reference
 from kernels.titans_memory import xla as titans_xla
-from kernels.testing import assert_close, random_normal
+from kernels.testing import assert_close, export_lowering, random_normal
 
 IMPLEMENTATIONS = {
     "reference": reference.titans_memory,
     "xla": titans_xla.titans_memory,
+    "pallas_tpu": functools.partial(pallas_tpu.titans_memory, interpret=True),
+    "pallas_gpu": functools.partial(pallas_gpu.titans_memory, interpret=True),
 }
 OUTPUT_NAMES = (
     "y", "final weights", "final momentum", "final anchor", "final offset",
@@ -177,10 +179,17 @@ MATCHES_REFERENCE_CASES = [
     _case("xla", 2, 1, 9, momentum=False, retain=False, slow=True),
     _case("xla", 1, 4, 21, offset=3),
     _case("xla", 2, 4, 21, offset=1, activation="silu"),
-    _case("xla", 2, 8, 19, momentum=False),
+    _case("xla", 2, 8, 19, momentum=False, slow=True),
     _case("xla", 2, 16, 37, retain=False, slow=True),
     _case("xla", 1, 16, 40, offset=9, momentum=False, retain=False, slow=True),
     _case("xla", 2, 8, 33, offset=5, slow=True),
+    _case("pallas_tpu", 1, 4, 11, offset=2),
+    _case("pallas_tpu", 2, 8, 13),
+    _case("pallas_gpu", 2, 4, 11, offset=3, momentum=False),
+    _case("pallas_gpu", 1, 16, 19, retain=False, slow=True),
+    _case("pallas_tpu", 2, 1, 9, activation="silu", slow=True),
+    _case("pallas_tpu", 2, 16, 37, momentum=False, retain=False, slow=True),
+    _case("pallas_gpu", 2, 8, 21, offset=7, dtype=jnp.bfloat16, slow=True),
 ]
 
 
@@ -190,7 +199,9 @@ MATCHES_REFERENCE_CASES = [
 def test_matches_reference_values_and_gradients(
     implementation, depth, chunk_size, seq, offset, momentum, retain, activation, dtype
 ):
-    inputs, cotangents = _case_inputs(seq, seq, depth, dtype, offset, momentum, retain)
+    # Interpret-mode Pallas pays per grid step: one batch row is enough there.
+    batch = 1 if implementation.startswith("pallas") else 2
+    inputs, cotangents = _case_inputs(seq, seq, depth, dtype, offset, momentum, retain, batch=batch)
     options = dict(chunk_size=chunk_size, activation=activation, offset=offset)
     actual = _outputs_and_grads(inputs, cotangents, implementation=implementation, **options)
     expected = _outputs_and_grads(inputs, cotangents, implementation="reference", **options)
@@ -303,8 +314,8 @@ def test_padding_tokens_are_no_ops_in_the_dual_form():
 # --- gradient memory of the XLA form ------------------------------------------------------
 
 
-def _gradient_temp_bytes(num_chunks, chunk_size=4, dim=32):
-    shapes = kernels.memory_layer_shapes(dim, dim, 2)
+def _gradient_temp_bytes(num_chunks, chunk_size=4, dim=64):
+    shapes = kernels.memory_layer_shapes(dim, dim, 1)
     args = [jax.ShapeDtypeStruct((1, num_chunks * chunk_size, 1, dim), jnp.float32) for _ in range(3)]
     args += [jax.ShapeDtypeStruct((1, num_chunks * chunk_size, 1), jnp.float32) for _ in range(3)]
     args += [tuple(jax.ShapeDtypeStruct((1, din, dout), jnp.float32) for din, dout in shapes)]
@@ -321,11 +332,46 @@ def _gradient_temp_bytes(num_chunks, chunk_size=4, dim=32):
 
 
 def test_xla_gradient_memory_does_not_grow_like_the_number_of_chunks():
-    # |W| = 2 * 32 * 128 floats = 32 KiB per copy, three copies (A, W, S) per carry: saving
-    # every chunk's carry would cost 96 KiB per chunk; sqrt(N) grouping keeps ~sqrt(N) of them.
-    short, long = _gradient_temp_bytes(16), _gradient_temp_bytes(256)
-    assert long < 6 * short, (short, long)
-    assert long < 256 * 96 * 2**10 / 2, long
+    # |W| = 64 * 64 floats = 16 KiB per copy, three copies (A, W, S) per carry: saving
+    # every chunk's carry would cost 48 KiB per chunk, 12 MiB for 256 chunks; sqrt(N)
+    # grouping keeps ~2 sqrt(N) of them (2.7 MiB of temp memory in all when written).
+    assert _gradient_temp_bytes(256) < 256 * 48 * 2**10 / 3
+
+
+# --- Pallas lowering for TPU and CUDA ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "platform, kernel, custom_call",
+    [("tpu", pallas_tpu.titans_memory, "tpu_custom_call"), ("cuda", pallas_gpu.titans_memory, "triton")],
+)
+@pytest.mark.parametrize("depth", [1, 2])
+def test_pallas_kernels_lower_forward_and_backward(platform, kernel, custom_call, depth):
+    batch, seq, heads, dim, chunk_size = 1, 130, 2, 32, 32
+    shapes = kernels.memory_layer_shapes(dim, dim, depth)
+    args = (
+        *(jax.ShapeDtypeStruct((batch, seq, heads, dim), jnp.bfloat16) for _ in range(3)),
+        *(jax.ShapeDtypeStruct((batch, seq, heads), jnp.float32) for _ in range(3)),
+        tuple(jax.ShapeDtypeStruct((heads, din, dout), jnp.float32) for din, dout in shapes),
+    )
+
+    def forward(q, k, v, lr, log_momentum, log_retain, weights):
+        # A carried state: the front padding's dynamic placement lowers too.
+        state = kernels.init_titans_memory_state(weights, batch)._replace(offset=jnp.int32(5))
+        return kernel(
+            q, k, v, lr, log_momentum, log_retain, state, chunk_size=chunk_size, activation="gelu", aligned=False
+        )
+
+    def loss_and_gradients(*args):
+        # The backward is the XLA form's VJP: only the loss value keeps the kernel alive.
+        def loss(*args):
+            y, state = forward(*args)
+            return jnp.sum(y.astype(jnp.float32)) + sum(jnp.sum(w) for w in state.weights)
+
+        return jax.value_and_grad(loss, argnums=tuple(range(7)))(*args)
+
+    assert export_lowering(forward, *args, platform=platform).mlir_module().count(custom_call) >= 1
+    assert export_lowering(loss_and_gradients, *args, platform=platform).mlir_module().count(custom_call) >= 1
 
 
 # --- the public op ------------------------------------------------------------------------------
@@ -346,7 +392,7 @@ def test_memory_layer_shapes_and_initial_state():
 
 def test_defaults_and_dispatch():
     assert kernels.default_implementation("titans_memory") == "xla"
-    assert kernels.available_ops()["titans_memory"] == ["reference", "xla"]
+    assert kernels.available_ops()["titans_memory"] == ["reference", "xla", "pallas"]
 
 
 def test_titans_memory_rejects_bad_inputs():
@@ -382,6 +428,14 @@ def test_titans_memory_rejects_bad_inputs():
         call(q, k, v, lr, activation="relu")
     with pytest.raises(ValueError, match="got unknown implementation 'cuda'"):
         call(q, k, v, lr, implementation="cuda")
+    with pytest.raises(ValueError, match="Pallas TPU kernels need a power-of-two chunk_size, got 12"):
+        call(q, k, v, lr, chunk_size=12, implementation="pallas")
+    deep = tuple(jnp.zeros((2, din, dout)) for din, dout in kernels.memory_layer_shapes(4, 4, 3))
+    with pytest.raises(ValueError, match="Pallas TPU kernels cover memory depth 1 and 2, got depth 3"):
+        call(q, k, v, lr, initial_weights=deep, implementation="pallas")
+    state = kernels.init_titans_memory_state(weights, 2)
+    with pytest.raises(ValueError, match=r"GPU kernel needs powers of two >= 16 .* got chunk_size = 8"):
+        pallas_gpu.titans_memory(q, k, v, lr, None, None, state, chunk_size=8, activation="gelu", aligned=True)
 
 
 def test_titans_memory_step_rejects_bad_inputs():
