@@ -237,6 +237,57 @@ def _delta_rule_bytes(problem: Problem) -> float:
     return float(tokens * (4 * itemsize * problem.head_dim + 8))
 
 
+# The Titans memory is benchmarked as the mixer uses it: depth 2 (hidden 4 * D), momentum
+# and weight decay on, unit-norm q and k, the default chunk of 64.
+_TITANS_CHUNK = 64
+_TITANS_DEPTH = 2
+
+
+def _titans_memory_inputs(problem: Problem):
+    """q, k (unit norm), v [B, T, H, D]; theta in [0.01, 0.1], eta in [0.8, 1], 1 - alpha in
+    [0.95, 1] as logs (float32); W_0 per layer [H, din, dout] with 1 / sqrt(din) entries."""
+    rng = np.random.default_rng(0)
+    shape = (problem.batch, problem.seq_len, problem.heads, problem.head_dim)
+    q, k, v = (rng.standard_normal(shape, np.float32) for _ in range(3))
+    q /= np.linalg.norm(q, axis=-1, keepdims=True)
+    k /= np.linalg.norm(k, axis=-1, keepdims=True)
+    per_token = lambda low, high: jnp.asarray(rng.uniform(low, high, shape[:3]), jnp.float32)
+    lr, log_momentum, log_retain = per_token(0.01, 0.1), jnp.log(per_token(0.8, 1.0)), jnp.log(per_token(0.95, 1.0))
+    weights = tuple(
+        jnp.asarray(rng.standard_normal((problem.heads, din, dout)) / np.sqrt(din), jnp.float32)
+        for din, dout in kernels.memory_layer_shapes(problem.head_dim, problem.head_dim, _TITANS_DEPTH)
+    )
+    return (*(jnp.asarray(x, problem.dtype) for x in (q, k, v)), lr, log_momentum, log_retain, weights)
+
+
+def _titans_memory_function(problem: Problem, implementation: str):
+    def titans_memory(q, k, v, lr, log_momentum, log_retain, weights):
+        return kernels.titans_memory(
+            q, k, v, lr, log_momentum=log_momentum, log_retain=log_retain, initial_weights=weights,
+            chunk_size=_TITANS_CHUNK, implementation=implementation,
+        )
+
+    return titans_memory
+
+
+def _titans_memory_flops(problem: Problem) -> float:
+    """The dual form's matmuls per token and head, each layer [din, dout]: the key's pass
+    at the anchor and its error back (2 din dout each), the query's reads of W0 and S0
+    (2 din dout each), the W and S updates (2 din dout each), the query-key products and
+    their mixing of the errors (2 C din, 2 C dout); plus the chunk's N P product (2 C^2)."""
+    chunk = min(_TITANS_CHUNK, problem.seq_len)
+    layers = kernels.memory_layer_shapes(problem.head_dim, problem.head_dim, _TITANS_DEPTH)
+    per_token = sum(12.0 * din * dout + 2.0 * chunk * (din + dout) for din, dout in layers) + 2.0 * chunk**2
+    return problem.batch * problem.seq_len * problem.heads * per_token
+
+
+def _titans_memory_bytes(problem: Problem) -> float:
+    """q, k, v and the three float32 per-token gates read, y written once."""
+    itemsize = jnp.dtype(problem.dtype).itemsize
+    tokens = problem.batch * problem.seq_len * problem.heads
+    return float(tokens * (4 * itemsize * problem.head_dim + 12))
+
+
 OPS: dict[str, OpBenchmark] = {
     # Flash-style backward recomputes scores: 5 block matmuls against the forward's 2.
     # Its traffic: the forward's, then q, k, v, o, do read and dq, dk, dv written.
@@ -274,6 +325,16 @@ OPS: dict[str, OpBenchmark] = {
         _delta_rule_flops,
         1 + 3.0,
         forward_bytes=_delta_rule_bytes,
+        forward_backward_bytes_factor=3.0,
+    ),
+    # Backward: the XLA form's VJP, which recomputes the forward by checkpointed groups of
+    # chunks and then runs the reverse pass (about twice a forward).
+    "titans_memory": OpBenchmark(
+        _titans_memory_inputs,
+        _titans_memory_function,
+        _titans_memory_flops,
+        1 + 3.0,
+        forward_bytes=_titans_memory_bytes,
         forward_backward_bytes_factor=3.0,
     ),
 }
