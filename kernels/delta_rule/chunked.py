@@ -38,32 +38,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-_EXACT = lax.Precision.HIGHEST
+from kernels._matmul import dot, dot_t, sum_columns, sum_rows, t_dot
 
-
-def _dot(a, b):
-    """a @ b."""
-    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=_EXACT, preferred_element_type=jnp.float32)
-
-
-def _dot_t(a, b):
-    """a @ b^T."""
-    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=_EXACT, preferred_element_type=jnp.float32)
-
-
-def _t_dot(a, b):
-    """a^T @ b."""
-    return lax.dot_general(a, b, (((0,), (0,)), ((), ())), precision=_EXACT, preferred_element_type=jnp.float32)
-
-
-def _sum_rows(x):
-    """[M, N] -> [M, 1]."""
-    return jnp.sum(x, axis=1, keepdims=True)
-
-
-def _sum_columns(x):
-    """[M, N] -> [1, N]."""
-    return jnp.sum(x, axis=0, keepdims=True)
 
 
 class ChunkDecays(NamedTuple):
@@ -89,7 +65,7 @@ def chunk_decays(gamma_col, gamma_row, segment_col=None, segment_row=None, *, tr
     columns = lax.broadcasted_iota(jnp.int32, (size, size), 1)
     is_last_lane = lax.broadcasted_iota(jnp.int32, (1, size), 1) == size - 1
     is_last_row = lax.broadcasted_iota(jnp.int32, (size, 1), 0) == size - 1
-    gamma_last = _sum_rows(jnp.where(is_last_lane, gamma_row, 0.0))
+    gamma_last = sum_rows(jnp.where(is_last_lane, gamma_row, 0.0))
     lower, strictly_lower, strictly_upper = rows >= columns, rows > columns, rows < columns
     if segment_col is None:
         from_start_mask = to_end_mask = across_mask = True
@@ -98,7 +74,7 @@ def chunk_decays(gamma_col, gamma_row, segment_col=None, segment_row=None, *, tr
         lower = lower & same_segment
         strictly_lower = strictly_lower & same_segment
         strictly_upper = strictly_upper & same_segment
-        segment_last = _sum_rows(jnp.where(is_last_lane, segment_row, 0.0))
+        segment_last = sum_rows(jnp.where(is_last_lane, segment_row, 0.0))
         from_start_mask = segment_col == 0.0
         to_end_mask = segment_col == segment_last
         across_mask = segment_last == 0.0
@@ -138,8 +114,8 @@ def inverse_by_substitution(key_products, beta_col, beta_row, decays: ChunkDecay
     lanes = lax.broadcasted_iota(jnp.int32, (1, size), 1)
 
     def substitute_row(i, inverse):
-        a_row_i = _sum_rows(jnp.where(columns == i, a_t, 0.0))  # [C,1]: A[i, j] at row j
-        row = jnp.where(lanes == i, 1.0, 0.0) - _sum_columns(a_row_i * inverse)
+        a_row_i = sum_rows(jnp.where(columns == i, a_t, 0.0))  # [C,1]: A[i, j] at row j
+        row = jnp.where(lanes == i, 1.0, 0.0) - sum_columns(a_row_i * inverse)
         return jnp.where(rows == i, row, inverse)
 
     return lax.fori_loop(0, size, substitute_row, jnp.zeros((size, size), jnp.float32))
@@ -154,11 +130,11 @@ class _WY(NamedTuple):
 
 
 def _wy(state, k, v, beta_col, beta_row, decays: ChunkDecays, invert) -> _WY:
-    key_products = _dot_t(k, k)
+    key_products = dot_t(k, k)
     inverse = invert(key_products, beta_col, beta_row, decays)
-    u = _dot(inverse, beta_col * v)
-    w = _dot(inverse, (beta_col * decays.from_start) * k)
-    return _WY(key_products, inverse, u, w, u - _dot(w, state))
+    u = dot(inverse, beta_col * v)
+    w = dot(inverse, (beta_col * decays.from_start) * k)
+    return _WY(key_products, inverse, u, w, u - dot(w, state))
 
 
 def chunk_forward(state, q, k, v, beta_col, beta_row, decays: ChunkDecays, invert=inverse_by_substitution):
@@ -167,9 +143,9 @@ def chunk_forward(state, q, k, v, beta_col, beta_row, decays: ChunkDecays, inver
 
     invert(K K^T, beta col, beta row, decays) -> (I + A)^-1, as `inverse_by_substitution`."""
     delta = _wy(state, k, v, beta_col, beta_row, decays, invert).delta
-    scores = _dot_t(q, k) * decays.within
-    y = _dot(decays.from_start * q, state) + _dot(scores, delta)
-    new_state = decays.across * state + _t_dot(decays.to_end * k, delta)
+    scores = dot_t(q, k) * decays.within
+    y = dot(decays.from_start * q, state) + dot(scores, delta)
+    new_state = decays.across * state + t_dot(decays.to_end * k, delta)
     return y, new_state
 
 
@@ -189,49 +165,49 @@ def chunk_backward(
     """Gradients of one chunk given dL/dy [C,Dv] and dL/d(state after it); recomputes the
     chunk's forward from the state before it. All float32."""
     wy = _wy(state, k, v, beta_col, beta_row, decays, invert)
-    query_keys = _dot_t(q, k)
+    query_keys = dot_t(q, k)
     scores = query_keys * decays.within
     k_to_end = decays.to_end * k
 
     # new_state = across S + k_to_end^T delta;  y = from_start Q S + scores delta
-    d_delta = _dot(k_to_end, d_new_state) + _t_dot(scores, dy)
-    d_k_to_end = _dot_t(wy.delta, d_new_state)
-    d_to_end = _sum_rows(k * d_k_to_end)
-    d_across = _sum_columns(_sum_rows(state * d_new_state))
-    dy_state = _dot_t(dy, state)
-    d_from_start = _sum_rows(q * dy_state)
-    d_scores = _dot_t(dy, wy.delta)
+    d_delta = dot(k_to_end, d_new_state) + t_dot(scores, dy)
+    d_k_to_end = dot_t(wy.delta, d_new_state)
+    d_to_end = sum_rows(k * d_k_to_end)
+    d_across = sum_columns(sum_rows(state * d_new_state))
+    dy_state = dot_t(dy, state)
+    d_from_start = sum_rows(q * dy_state)
+    d_scores = dot_t(dy, wy.delta)
     d_query_keys = d_scores * decays.within
-    dq = decays.from_start * dy_state + _dot(d_query_keys, k)
-    dk = decays.to_end * d_k_to_end + _t_dot(d_query_keys, q)
+    dq = decays.from_start * dy_state + dot(d_query_keys, k)
+    dk = decays.to_end * d_k_to_end + t_dot(d_query_keys, q)
 
     # delta = U - W S;  U = T (beta V);  W = T (beta from_start K);  T = (I + A)^-1
-    d_w = -_dot_t(d_delta, state)
+    d_w = -dot_t(d_delta, state)
     d_state = (
         decays.across * d_new_state
-        + _t_dot(decays.from_start * q, dy)
-        - _t_dot(wy.w, d_delta)
+        + t_dot(decays.from_start * q, dy)
+        - t_dot(wy.w, d_delta)
     )
-    d_v_scaled = _t_dot(wy.inverse, d_delta)
-    d_k_scaled = _t_dot(wy.inverse, d_w)
+    d_v_scaled = t_dot(wy.inverse, d_delta)
+    d_k_scaled = t_dot(wy.inverse, d_w)
     # dA = -T^T (dU (beta V)^T + dW (beta from_start K)^T) T^T = -(dVs U^T + dKs W^T)
-    d_a = -(_dot_t(d_v_scaled, wy.u) + _dot_t(d_k_scaled, wy.w))
+    d_a = -(dot_t(d_v_scaled, wy.u) + dot_t(d_k_scaled, wy.w))
     dv = beta_col * d_v_scaled
-    k_dot_d_k_scaled = _sum_rows(k * d_k_scaled)
+    k_dot_d_k_scaled = sum_rows(k * d_k_scaled)
     dk = dk + (beta_col * decays.from_start) * d_k_scaled
     d_from_start = d_from_start + beta_col * k_dot_d_k_scaled
 
     # A = diag(beta) (K K^T * strictly_within)
     d_a_weighted = d_a * wy.key_products * decays.strictly_within
-    d_beta = _sum_rows(v * d_v_scaled) + decays.from_start * k_dot_d_k_scaled + _sum_rows(d_a_weighted)
+    d_beta = sum_rows(v * d_v_scaled) + decays.from_start * k_dot_d_k_scaled + sum_rows(d_a_weighted)
     d_key_products = beta_col * d_a * decays.strictly_within
-    dk = dk + _dot(d_key_products, k) + _t_dot(d_key_products, k)
+    dk = dk + dot(d_key_products, k) + t_dot(d_key_products, k)
 
     # within_ij = exp(gamma_i - gamma_j): d gamma_i += sum_j E_ij, d gamma_j -= sum_i E_ij
     decay_weighted = d_scores * query_keys * decays.within + beta_col * d_a_weighted
-    d_gamma_last = _sum_columns(d_to_end * decays.to_end) + d_across * decays.across
+    d_gamma_last = sum_columns(d_to_end * decays.to_end) + d_across * decays.across
     d_gamma_col = (
-        _sum_rows(decay_weighted)
+        sum_rows(decay_weighted)
         + d_from_start * decays.from_start
         - d_to_end * decays.to_end
         + jnp.where(decays.is_last_row, d_gamma_last, 0.0)
@@ -243,7 +219,7 @@ def chunk_backward(
         v=dv,
         beta=d_beta,
         gamma_col=d_gamma_col,
-        gamma_row=-_sum_columns(decay_weighted),
+        gamma_row=-sum_columns(decay_weighted),
     )
 
 

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from kernels import _backend
 from kernels._checks import as_int, check_qkv
+from kernels._sharding import per_shard
 from kernels.titans_memory import reference, xla
 
 ACTIVATIONS = ("gelu", "silu")
@@ -279,6 +280,18 @@ def _pallas(*args, **options):
     return kernel_module.titans_memory(*args, interpret=_backend.interpret_mode(), **options)
 
 
+_STATE_LAYOUT = TitansMemoryState(weights="BH", momentum="BH", anchor="BH", offset="")
+
 _backend.register_op(
-    "titans_memory", {"reference": reference.titans_memory, "xla": xla.titans_memory, "pallas": _pallas}
+    "titans_memory",
+    {
+        "reference": reference.titans_memory,
+        "xla": xla.titans_memory,
+        "pallas": per_shard(
+            _pallas,
+            arg_layouts=("BTH",) * 6 + (_STATE_LAYOUT,),
+            kwarg_layouts={},
+            out_layouts=("BTH", _STATE_LAYOUT),
+        ),
+    },
 )

@@ -33,34 +33,10 @@ from typing import NamedTuple
 import jax.numpy as jnp
 from jax import lax
 
-_EXACT = lax.Precision.HIGHEST
+from kernels._matmul import dot, dot_t, sum_columns, sum_rows, t_dot
+
 _GELU_SCALE = math.sqrt(2.0 / math.pi)
 _GELU_CUBIC = 0.044715
-
-
-def _dot(a, b):
-    """a @ b."""
-    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=_EXACT, preferred_element_type=jnp.float32)
-
-
-def _dot_t(a, b):
-    """a @ b^T."""
-    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=_EXACT, preferred_element_type=jnp.float32)
-
-
-def _t_dot(a, b):
-    """a^T @ b."""
-    return lax.dot_general(a, b, (((0,), (0,)), ((), ())), precision=_EXACT, preferred_element_type=jnp.float32)
-
-
-def _sum_rows(x):
-    """[M, N] -> [M, 1]."""
-    return jnp.sum(x, axis=1, keepdims=True)
-
-
-def _sum_columns(x):
-    """[M, N] -> [1, N]."""
-    return jnp.sum(x, axis=0, keepdims=True)
 
 
 def _masked_exp(mask, exponent):
@@ -106,17 +82,17 @@ def chunk_coefficients(theta, log_retain, log_momentum, mask) -> Coefficients:
     is_last_row = lax.broadcasted_iota(jnp.int32, (size, 1), 0) == size - 1
 
     def as_row(column):
-        return _sum_columns(jnp.where(identity, column, 0.0))
+        return sum_columns(jnp.where(identity, column, 0.0))
 
     def cumulative(column):
         """Inclusive cumulative sum as a column and as a row."""
-        return _sum_rows(jnp.where(lower, as_row(column), 0.0)), _sum_columns(jnp.where(upper, column, 0.0))
+        return sum_rows(jnp.where(lower, as_row(column), 0.0)), sum_columns(jnp.where(upper, column, 0.0))
 
     def last_row(matrix):
-        return _sum_columns(jnp.where(is_last_row, matrix, 0.0))
+        return sum_columns(jnp.where(is_last_row, matrix, 0.0))
 
     def as_column(row):
-        return _sum_rows(jnp.where(identity, row, 0.0))
+        return sum_rows(jnp.where(identity, row, 0.0))
 
     mask_row = as_row(mask)
     retain_col, retain_row = cumulative(log_retain)
@@ -131,11 +107,11 @@ def chunk_coefficients(theta, log_retain, log_momentum, mask) -> Coefficients:
         momentum_col, momentum_row = cumulative(log_momentum)
         carried = _masked_exp(lower, momentum_col - momentum_row)
         momentum_col = jnp.exp(momentum_col)
-        from_momentum = _sum_rows(mixing * jnp.exp(momentum_row))
+        from_momentum = sum_rows(mixing * jnp.exp(momentum_row))
     step_row = as_row(theta * mask)
-    updates = _dot(mixing, carried) * step_row
+    updates = dot(mixing, carried) * step_row
     retain = jnp.exp(retain_col)
-    last = lambda column: _sum_columns(jnp.where(is_last_row, column, 0.0))
+    last = lambda column: sum_columns(jnp.where(is_last_row, column, 0.0))
     return Coefficients(
         retain=retain,
         from_momentum=from_momentum,
@@ -161,7 +137,7 @@ def chunk_forward(carry, q, k, v, theta, log_retain, log_momentum, mask, *, acti
     layer_inputs, pre_activations, x = [], [], k
     for layer, a in enumerate(anchor):
         layer_inputs.append(x)
-        z = _dot(x, a)
+        z = dot(x, a)
         pre_activations.append(z)
         if layer < depth - 1:
             x = activation_and_derivative(activation, z)[0]
@@ -170,14 +146,14 @@ def chunk_forward(carry, q, k, v, theta, log_retain, log_momentum, mask, *, acti
     for layer in reversed(range(depth)):
         errors[layer] = error
         if layer > 0:
-            error = _dot_t(error, anchor[layer]) * activation_and_derivative(activation, pre_activations[layer - 1])[1]
+            error = dot_t(error, anchor[layer]) * activation_and_derivative(activation, pre_activations[layer - 1])[1]
 
     x = q
     for layer in range(depth):
-        z = coefficients.retain * _dot(x, weights[layer])
+        z = coefficients.retain * dot(x, weights[layer])
         if coefficients.from_momentum is not None:
-            z = z + coefficients.from_momentum * _dot(x, momentum[layer])
-        z = z - _dot(coefficients.updates * _dot_t(x, layer_inputs[layer]), errors[layer])
+            z = z + coefficients.from_momentum * dot(x, momentum[layer])
+        z = z - dot(coefficients.updates * dot_t(x, layer_inputs[layer]), errors[layer])
         x = activation_and_derivative(activation, z)[0] if layer < depth - 1 else z
 
     new_weights, new_momentum = [], []
@@ -186,8 +162,8 @@ def chunk_forward(carry, q, k, v, theta, log_retain, log_momentum, mask, *, acti
         s = coefficients.last_momentum_decay * momentum[layer]
         if coefficients.last_from_momentum is not None:
             w = w + coefficients.last_from_momentum * momentum[layer]
-        w = w - _t_dot(layer_inputs[layer], coefficients.last_updates * errors[layer])
-        s = s - _t_dot(layer_inputs[layer], coefficients.last_momentum_updates * errors[layer])
+        w = w - t_dot(layer_inputs[layer], coefficients.last_updates * errors[layer])
+        s = s - t_dot(layer_inputs[layer], coefficients.last_momentum_updates * errors[layer])
         new_weights.append(w)
         new_momentum.append(s)
     new_anchor = tuple(jnp.where(coefficients.last_is_valid, w, a) for w, a in zip(new_weights, anchor))

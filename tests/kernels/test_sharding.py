@@ -98,7 +98,18 @@ def _ops(seed):
         out, _ = kernels.attention_decode(q[:, -1:], k[:, -1:], v[:, -1:], cache, implementation="pallas")
         return out
 
+    def titans_memory(q, k, v, lr, log_decay, w1, w2):
+        y, state = kernels.titans_memory(
+            q, k / jnp.linalg.norm(k, axis=-1, keepdims=True), v, lr, log_momentum=log_decay,
+            log_retain=log_decay / 10, initial_weights=(w1, w2), chunk_size=16, return_final_state=True,
+            implementation="pallas",
+        )
+        return y, state.weights, state.momentum
+
+    lr = jnp.asarray(rng.uniform(0.0, 0.1, (B, T, H)), jnp.float32)
+    w1, w2 = normal(H, D, 2 * D) / 4, normal(H, 2 * D, D) / 6
     return {
+        "titans_memory": (titans_memory, (q, k, v, lr, log_decay, w1, w2)),
         "attention": (attention, (q, k, v)),
         "attention_decode": (attention_decode, (q, k, v)),
         "linear_attention": (linear_attention, (q, k, v, log_decay)),
@@ -106,13 +117,14 @@ def _ops(seed):
     }
 
 
-@pytest.mark.parametrize("op", ["attention", "attention_decode", "linear_attention", "delta_rule"])
+@pytest.mark.parametrize("op", ["attention", "attention_decode", "linear_attention", "delta_rule", "titans_memory"])
 def test_pallas_ops_under_a_mesh_match_the_unsharded_run(mesh, op):
     fn, inputs = _ops(0)[op]
     expected = fn(*inputs)
     batch_split = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
     with jax.set_mesh(mesh), kernels.kernel_partition(batch=("data", "fsdp"), heads=("tensor",)):
-        placed = [jax.device_put(x, batch_split) for x in inputs]
+        # Batch-major inputs go onto the mesh split; the memory's per-head W_0 stays as it is.
+        placed = [jax.device_put(x, batch_split) if x.shape[0] == 4 else x for x in inputs]
         assert "shard_map" in str(jax.make_jaxpr(fn)(*placed))
         got = jax.jit(fn)(*placed)
     for expected_leaf, got_leaf in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
