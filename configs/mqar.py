@@ -15,19 +15,36 @@ MIXER_SETTINGS = {
     "attention": {"n_heads": 1, "mixer_options": {"attention": {"rope": False}}},
     "sliding_window": {"n_heads": 1, "mixer_options": {"sliding_window": {"size": 16, "rope": False}}},
     "based": {"n_heads": 1, "mixer_options": {"based": {"feature_dim": 16}}},
-    # The feature-map baselines BASED is compared with, at the model's head dim.
+    # The feature-map baselines BASED is compared with, at the model's head dim. The identity
+    # map is unnormalised, as in zoology: q . sum(k) changes sign, so dividing by it diverges.
     **{
         f"linear_attention-{feature_map}": {
             "mixer": "linear_attention",
             "n_heads": 1,
-            "mixer_options": {"linear_attention": {"feature_map": feature_map}},
+            "mixer_options": {"linear_attention": {"feature_map": feature_map, "normalize": normalize}},
         }
-        for feature_map in ("elu1", "identity")
+        for feature_map, normalize in (("elu1", True), ("identity", False))
     },
     # BASED's MQAR sweep over the taylor2 feature dim (its state grows as 1 + d' + d'^2).
     **{
         f"based-f{dim}": {"mixer": "based", "n_heads": 1, "mixer_options": {"based": {"feature_dim": dim}}}
         for dim in (8, 16, 24)
+    },
+    # Titans: chunks of 8 tokens keep the memory's writes fine-grained at these short lengths; MAC's
+    # segments of 32 leave most pairs to the memory at length 64 and beyond.
+    "titans_lmm": {"n_heads": 1, "mixer_options": {"titans_lmm": {"chunk_size": 8}}},
+    "titans_mac": {
+        "n_heads": 1,
+        "mixer_options": {"titans_mac": {"chunk_size": 8, "segment_len": 32, "rope": False}},
+    },
+    # The paper's ablations (its Table 5) of the memory's momentum and its forgetting.
+    **{
+        f"titans_lmm-no-{name}": {
+            "mixer": "titans_lmm",
+            "n_heads": 1,
+            "mixer_options": {"titans_lmm": {"chunk_size": 8, field: False}},
+        }
+        for name, field in (("momentum", "momentum"), ("decay", "weight_decay"))
     },
 }
 
