@@ -1,0 +1,7 @@
+"""Titans LMM at the paper's 170M setting (see configs/_titans.py for the numbers and why)."""
+
+from configs._titans import paper_config
+
+
+def get_config():
+    return paper_config("lmm", "170m")
