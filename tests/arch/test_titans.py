@@ -29,23 +29,23 @@ def model_config(layers, mixer_options, **changes) -> ModelConfig:
 # Tiny chunks and segments so a 13-token sequence crosses several of each.
 CASES = {
     "lmm": model_config(("titans_lmm",), {"titans_lmm": {"chunk_size": 4}}),
-    "lmm_linear_no_conv_persistent": model_config(
-        ("titans_lmm",),
-        {"titans_lmm": {"depth": 1, "chunk_size": 3, "conv_size": 0, "persistent_tokens": 2, "output_gate": "sigmoid"}},
-    ),
     "mag": model_config(("titans_mag",), {"titans_mag": {"chunk_size": 4, "window": 5, "persistent_tokens": 3}}),
     "mal": model_config(
         ("titans_lmm", "sliding_window"),
         {
-            "titans_lmm": {"chunk_size": 4, "persistent_tokens": 2, "momentum": False},
+            # The ablations: a matrix memory without momentum or short convolutions.
+            "titans_lmm": {
+                "chunk_size": 3,
+                "persistent_tokens": 2,
+                "depth": 1,
+                "momentum": False,
+                "conv_size": 0,
+                "output_gate": "sigmoid",
+            },
             "sliding_window": {"size": 4, "persistent_tokens": 2},
         },
     ),
     "mac": model_config(("titans_mac",), {"titans_mac": {"chunk_size": 2, "segment_len": 4, "persistent_tokens": 2}}),
-    "mac_no_persistent_no_decay": model_config(
-        ("titans_mac",),
-        {"titans_mac": {"chunk_size": 4, "segment_len": 4, "persistent_tokens": 0, "weight_decay": False}},
-    ),
 }
 
 
