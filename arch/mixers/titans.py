@@ -513,7 +513,7 @@ class TitansMAC(nnx.Module):
         # Trailing padding only follows the real tokens, so it never reaches their outputs.
         padded = jnp.pad(x_BTD, ((0, 0), (0, n_segments * self.segment_len - length), (0, 0)))
         segments = padded.reshape(batch, n_segments, self.segment_len, d_model).swapaxes(0, 1)
-        positions = jnp.arange(self.prefix + 2 * self.segment_len)
+        context_positions = jnp.arange(self.prefix + 2 * self.segment_len)
         persistent = None if self.persistent is None else self.persistent.batch(batch)
 
         def segment(carry, x_BSD):
@@ -521,7 +521,7 @@ class TitansMAC(nnx.Module):
             h, retrieval_conv = self._retrievals(x_BSD, retrieval_conv, memory.memory.weights)
             interleaved = jnp.stack([h, x_BSD], axis=2).reshape(batch, 2 * self.segment_len, d_model)
             context = interleaved if persistent is None else jnp.concatenate([persistent, interleaved], axis=1)
-            q, k, v = self.attention(context, positions)
+            q, k, v = self.attention(context, context_positions)
             o = kernels.attention(q, k, v, prefix=self.prefix, implementation=self.implementation)
             o = o[:, self.prefix + 1 :: 2]  # the tokens' outputs; the retrievals' are not used
             m, memory = self.memory.prefill(o.reshape(batch, self.segment_len, -1), memory)
