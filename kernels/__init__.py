@@ -18,6 +18,7 @@ from kernels.titans_memory import (
     init_titans_memory_state,
     memory_layer_shapes,
     titans_memory,
+    titans_memory_read,
     titans_memory_step,
 )
 
@@ -42,5 +43,6 @@ __all__ = [
     "taylor2_feature_map",
     "taylor2_quadratic_attention",
     "titans_memory",
+    "titans_memory_read",
     "titans_memory_step",
 ]

@@ -29,7 +29,6 @@ import kernels
 from arch.config import ModelConfig
 from arch.layers import PersistentTokens, RMSNorm, ShortConv, compute_dtype, dense, output_std, rotary
 from arch.registry import MixerOptions, register_mixer
-from kernels.titans_memory.reference import memory_apply
 
 ACTIVATIONS = ("gelu", "silu")
 OUTPUT_GATES = {"silu": jax.nn.silu, "sigmoid": jax.nn.sigmoid}
@@ -275,8 +274,7 @@ class NeuralMemory(nnx.Module):
 
     def read(self, q_BTHD: jax.Array, weights: tuple[jax.Array, ...]) -> jax.Array:
         """M(q; W) without an update, for weights [B, H, din, dout] per layer -> [B, T, H, D] float32."""
-        read_token = lambda q_BHD: memory_apply(weights, q_BHD.astype(jnp.float32), self.activation)  # noqa: E731
-        return jax.vmap(read_token, in_axes=1, out_axes=1)(q_BTHD)
+        return kernels.titans_memory_read(q_BTHD, weights, activation=self.activation)
 
     def weight_bytes(self, batch: int) -> int:
         """Bytes of one copy of the memory's weights for `batch` rows, float32."""

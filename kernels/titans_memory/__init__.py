@@ -5,6 +5,7 @@ from kernels.titans_memory.api import (
     init_titans_memory_state,
     memory_layer_shapes,
     titans_memory,
+    titans_memory_read,
     titans_memory_step,
 )
 
@@ -13,5 +14,6 @@ __all__ = [
     "init_titans_memory_state",
     "memory_layer_shapes",
     "titans_memory",
+    "titans_memory_read",
     "titans_memory_step",
 ]

@@ -166,6 +166,36 @@ def titans_memory_step(
     return y_t.astype(v_t.dtype), state
 
 
+def titans_memory_read(q, weights, *, activation: str = "gelu"):
+    """M(q; W) without an update: q [B,T,H,Dk] and weights, a tuple of [B,H,din,dout]
+    per layer (a state's `weights` or `anchor`) -> [B,T,H,Dv] float32.
+
+    Reads a frozen memory for every token at once, e.g. Titans MAC's retrieval from the
+    memory as it stood before a segment.
+    """
+    op = "titans_memory_read"
+    if getattr(q, "ndim", None) != 4:
+        raise ValueError(f"{op}: q must be [batch, seq, heads, key_dim], got shape {getattr(q, 'shape', q)}")
+    activation = _checked_activation(op, activation)
+    weights = tuple(jnp.asarray(w) for w in weights)
+    batch, _, heads, key_dim = q.shape
+    if not weights or any(w.ndim != 4 or w.shape[:2] != (batch, heads) for w in weights):
+        raise ValueError(
+            f"{op}: weights must be a non-empty tuple of [batch, heads, din, dout] = [{batch}, {heads}, ., .] "
+            f"arrays, got shapes {[w.shape for w in weights]}"
+        )
+    _check_layers_chain(op, "weights", [w.shape for w in weights])
+    if weights[0].shape[2] != key_dim:
+        raise ValueError(f"{op}: the first layer takes din = {weights[0].shape[2]}, but q's key_dim is {key_dim}")
+    x = q.astype(jnp.float32)
+    phi = reference.activation_fn(activation)
+    for index, w in enumerate(weights):
+        x = jnp.einsum("bthi,bhio->btho", x, w.astype(jnp.float32), precision=reference.EXACT)
+        if index < len(weights) - 1:
+            x = phi(x)
+    return x
+
+
 # --- argument checks -------------------------------------------------------------------
 
 

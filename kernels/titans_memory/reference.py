@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-_EXACT = lax.Precision.HIGHEST  # the oracle must not use bf16 matmul passes on TPU
+EXACT = lax.Precision.HIGHEST  # the oracle must not use bf16 matmul passes on TPU
 
 
 def activation_fn(name):
@@ -24,7 +24,7 @@ def memory_apply(weights, x, activation):
     """M(x; W) for batched weights [B,H,din,dout] per layer and x [B,H,Dk] -> [B,H,Dv]."""
     phi = activation_fn(activation)
     for index, w in enumerate(weights):
-        x = jnp.einsum("bhi,bhio->bho", x, w, precision=_EXACT)
+        x = jnp.einsum("bhi,bhio->bho", x, w, precision=EXACT)
         if index < len(weights) - 1:
             x = phi(x)
     return x

@@ -450,3 +450,19 @@ def test_titans_memory_step_rejects_bad_inputs():
         kernels.titans_memory_step(*step_inputs, state._replace(momentum=(state.momentum[0][:1],)))
     with pytest.raises(ValueError, match=r"lr_t must be a float array of shape \[2, 2\]"):
         kernels.titans_memory_step(q[:, 0], k[:, 0], v[:, 0], lr, state)
+
+
+def test_read_applies_the_frozen_memory_to_every_token():
+    rng = np.random.default_rng(7)
+    weights = (
+        jnp.asarray(rng.standard_normal((2, 3, 4, 16)), jnp.float32),
+        jnp.asarray(rng.standard_normal((2, 3, 16, 5)), jnp.float32),
+    )
+    q = jnp.asarray(rng.standard_normal((2, 6, 3, 4)), jnp.float32)
+    got = kernels.titans_memory_read(q, weights, activation="silu")
+    hidden = np.einsum("bthi,bhio->btho", np.asarray(q), np.asarray(weights[0]))
+    hidden = hidden / (1 + np.exp(-hidden))
+    expected = np.einsum("bthi,bhio->btho", hidden, np.asarray(weights[1]))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="does not follow layer 0"):
+        kernels.titans_memory_read(q, (weights[0], weights[0]))
