@@ -1,11 +1,13 @@
 """The Titans memory in chunks, pure JAX: lax.scan over chunks carrying (A, W, S), the
 dual form of `kernels.titans_memory.chunked` inside, vmapped over batch and heads.
 
-Gradients come from autodiff. A plain scan would save the carry of every chunk,
-(T/C)·|W| floats; instead the chunks are scanned in about sqrt(T/C) groups of about
-sqrt(T/C) chunks, each group under jax.checkpoint: the backward keeps only the group
-boundaries' carries and recomputes one group at a time, O(sqrt(T/C)·|W|) memory.
-Chunks added to fill the last group are all padding, exact no-ops.
+A plain scan's autodiff would save the carry of every chunk, (T/C)·|W| floats. Here the
+chunks are scanned in about sqrt(T/C) groups of about sqrt(T/C) chunks (`scan_by_groups`):
+the forward keeps only the carries at group starts; the backward, group by group from the
+last, recomputes the group's carries and pulls the cotangents back one chunk at a time
+with jax.vjp of the chunk. O(sqrt(T/C)·|W|) memory, and on CPU faster than autodiff of a
+checkpointed nested scan, which stacks every chunk's residuals. Chunks added to fill the
+last group are all padding, exact no-ops.
 """
 
 from __future__ import annotations
@@ -78,15 +80,54 @@ def run_chunks(config: chunked.ChunkConfig, placed: chunked.PlacedInputs, carry)
         y, carry = per_chunk(carry, *chunk)
         return carry, y
 
-    @jax.checkpoint
-    def group_step(carry, chunks):
-        return lax.scan(chunk_step, carry, chunks)
-
-    carry, y = lax.scan(group_step, carry, tokens)
+    carry, y = scan_by_groups(chunk_step, carry, tokens)
     # [groups, per group, B, C, H, Dv] -> [B, T', H, Dv]
     y = jnp.moveaxis(y, 2, 0).reshape(batch, num_groups * group * c, heads, -1)
     return y[:, :padded_len], carry
 
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def scan_by_groups(step, carry, xs):
+    """lax.scan of step(carry, x) -> (carry, y) over xs [groups, per group, ...]
+    -> (final carry, ys [groups, per group, ...]), with a backward that keeps only the
+    carries at group starts and recomputes each group's carries when it gets there."""
+    return lax.scan(lambda carry, group_xs: lax.scan(step, carry, group_xs), carry, xs)
+
+
+def _scan_by_groups_forward(step, carry, xs):
+    def group(carry, group_xs):
+        final, ys = lax.scan(step, carry, group_xs)
+        return final, (ys, carry)
+
+    final, (ys, group_starts) = lax.scan(group, carry, xs)
+    return (final, ys), (group_starts, xs)
+
+
+def _scan_by_groups_backward(step, residuals, cotangents):
+    group_starts, xs = residuals
+    d_final, d_ys = cotangents
+
+    def group_backward(d_carry, group):
+        start, group_xs, group_d_ys = group
+
+        def advance(carry, x):
+            return step(carry, x)[0], carry
+
+        # The carry before each step of the group: per-group memory, not per-sequence.
+        _, step_starts = lax.scan(advance, start, group_xs)
+
+        def step_backward(d_carry, inputs):
+            step_start, x, d_y = inputs
+            _, pullback = jax.vjp(step, step_start, x)
+            return pullback((d_carry, d_y))
+
+        return lax.scan(step_backward, d_carry, (step_starts, group_xs, group_d_ys), reverse=True)
+
+    return lax.scan(group_backward, d_final, (group_starts, xs, d_ys), reverse=True)
+
+
+scan_by_groups.defvjp(_scan_by_groups_forward, _scan_by_groups_backward)
 
 
 def with_xla_gradient(kernel_run):
