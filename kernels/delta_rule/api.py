@@ -14,7 +14,7 @@ from jax import lax
 
 from kernels import _backend
 from kernels._sharding import per_shard
-from kernels._checks import as_int
+from kernels._checks import as_int, check_qkv
 from kernels.delta_rule import reference, xla
 
 # normalize_qk: x / sqrt(sum(x^2) + eps), so an all-zero vector stays zero (padding).
@@ -56,7 +56,7 @@ def delta_rule(
 
     Returns y [B,T,H,Dv], or (y, final_state) with return_final_state.
     """
-    batch, seq_len, heads, key_dim = _check_qkv("delta_rule", q, k, v, time_axis=True)
+    batch, seq_len, heads, key_dim = check_qkv("delta_rule", q, k, v, time_axis=True)
     beta = _checked_per_token("delta_rule", "beta", beta, (batch, seq_len, heads))
     if log_decay is None:
         log_decay = jnp.zeros((batch, seq_len, heads), jnp.float32)
@@ -88,7 +88,7 @@ def delta_rule_step(q_t, k_t, v_t, beta_t, state, *, log_decay=None, normalize_q
     Same arguments and convention as `delta_rule`; T calls from its initial_state give
     its y and final state.
     """
-    batch, heads, key_dim = _check_qkv("delta_rule_step", q_t, k_t, v_t, time_axis=False)
+    batch, heads, key_dim = check_qkv("delta_rule_step", q_t, k_t, v_t, time_axis=False)
     beta_t = _checked_per_token("delta_rule_step", "beta_t", beta_t, (batch, heads))
     if log_decay is None:
         log_decay = jnp.zeros((batch, heads), jnp.float32)
@@ -125,28 +125,6 @@ def _segment_starts(segment_ids, expected_shape):
         )
     changed = segment_ids[:, 1:] != segment_ids[:, :-1]
     return jnp.concatenate([jnp.zeros_like(changed[:, :1]), changed], axis=1)
-
-
-def _check_qkv(op, q, k, v, *, time_axis):
-    layout = "[batch, seq, heads, dim]" if time_axis else "[batch, heads, dim]"
-    ndim = 4 if time_axis else 3
-    for name, array in (("q", q), ("k", k), ("v", v)):
-        if getattr(array, "ndim", None) != ndim:
-            raise ValueError(
-                f"{op}: {name} must be {layout} ({ndim} dims), "
-                f"got shape {getattr(array, 'shape', type(array).__name__)}"
-            )
-        if not jnp.issubdtype(array.dtype, jnp.floating):
-            raise ValueError(f"{op}: {name} must be a float array, got {array.dtype}")
-    if q.shape != k.shape:
-        raise ValueError(f"{op}: q and k must have the same shape, got q {q.shape} and k {k.shape}")
-    if v.shape[:-1] != q.shape[:-1]:
-        raise ValueError(
-            f"{op}: v must match q in every dim but the last, got q {q.shape} and v {v.shape}"
-        )
-    if time_axis and q.shape[1] < 1:
-        raise ValueError(f"{op}: q, k and v hold no tokens (sequence length 0); pass at least one")
-    return q.shape
 
 
 def _checked_per_token(op, name, array, expected_shape):
