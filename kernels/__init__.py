@@ -4,7 +4,7 @@
 from kernels._backend import IMPLEMENTATIONS, available_ops, default_implementation
 from kernels._sharding import kernel_partition
 from kernels.attention import KVCache, attention, attention_decode, init_kv_cache
-from kernels.delta_rule import delta_rule, delta_rule_step
+from kernels.delta_rule import delta_rule, delta_rule_step, l2_normalize
 from kernels.linear_attention import (
     LinearAttentionState,
     init_linear_attention_state,
@@ -37,6 +37,7 @@ __all__ = [
     "init_linear_attention_state",
     "init_titans_memory_state",
     "kernel_partition",
+    "l2_normalize",
     "linear_attention",
     "linear_attention_step",
     "memory_layer_shapes",

@@ -129,11 +129,6 @@ class TitansMACOptions(_AttentionMemoryOptions):
         )
 
 
-def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
-    x32 = x.astype(jnp.float32)
-    return (x32 * jax.lax.rsqrt(jnp.sum(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
-
-
 class ConvProjection(nnx.Module):
     """x W, a causal depthwise short convolution (unless conv_size is 0) and SiLU, split into heads.
 
@@ -211,7 +206,7 @@ class NeuralMemory(nnx.Module):
         rates["log_retain"] = (
             None if self.forget_proj is None else jax.nn.log_sigmoid(-self.forget_proj(x_BTD).astype(jnp.float32))
         )
-        return (l2_normalize(q), l2_normalize(k), v), rates, (q_tail, k_tail, v_tail)
+        return (kernels.l2_normalize(q), kernels.l2_normalize(k), v), rates, (q_tail, k_tail, v_tail)
 
     def _weights0(self) -> tuple[jax.Array, ...]:
         return tuple(w[...] for w in self.initial_weights)
@@ -497,7 +492,7 @@ class TitansMAC(nnx.Module):
     def _retrievals(self, x_BTD: jax.Array, conv_state: jax.Array, weights: tuple):
         """Model-space tokens [B, T, D] of M(q_x; weights), and the new convolution tail."""
         q, conv_state = self.retrieval_query(x_BTD, conv_state)
-        h = self.memory.read(l2_normalize(q), weights).astype(self.dtype)
+        h = self.memory.read(kernels.l2_normalize(q), weights).astype(self.dtype)
         return self.retrieved_proj(self.retrieved_norm(h).reshape(*x_BTD.shape[:2], -1)), conv_state
 
     def _output(self, o_BTHD: jax.Array, m_BTHD: jax.Array) -> jax.Array:

@@ -66,7 +66,7 @@ def delta_rule(
     initial_state = _checked_state("delta_rule", "initial_state", initial_state, state_shape)
     chunk_size = _checked_chunk_size(chunk_size)
     if normalize_qk:
-        q, k = _l2_normalize(q), _l2_normalize(k)
+        q, k = l2_normalize(q), l2_normalize(k)
     implementation_fn = _backend.dispatch("delta_rule", implementation)
     y, final_state = implementation_fn(
         q,
@@ -101,15 +101,16 @@ def delta_rule_step(q_t, k_t, v_t, beta_t, state, *, log_decay=None, normalize_q
         )
     state = _checked_state("delta_rule_step", "state", state, state_shape)
     if normalize_qk:
-        q_t, k_t = _l2_normalize(q_t), _l2_normalize(k_t)
+        q_t, k_t = l2_normalize(q_t), l2_normalize(k_t)
     f32 = lambda x: x.astype(jnp.float32)
     y_t, state = reference.token_step(state, f32(q_t), f32(k_t), f32(v_t), f32(beta_t), f32(log_decay))
     return y_t.astype(v_t.dtype), state
 
 
-def _l2_normalize(x):
+def l2_normalize(x, eps: float = _NORMALIZE_EPS):
+    """x / sqrt(sum(x^2) + eps) over the last dim, computed in float32, in x's dtype."""
     x32 = x.astype(jnp.float32)
-    inverse_norm = lax.rsqrt(jnp.sum(x32 * x32, axis=-1, keepdims=True) + _NORMALIZE_EPS)
+    inverse_norm = lax.rsqrt(jnp.sum(x32 * x32, axis=-1, keepdims=True) + eps)
     return (x32 * inverse_norm).astype(x.dtype)
 
 
