@@ -30,6 +30,7 @@ import dataclasses
 import math
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -55,6 +56,25 @@ def activation_and_derivative(name, z):
     if name == "silu":
         sigmoid = 1.0 / (1.0 + jnp.exp(-z))
         return z * sigmoid, sigmoid * (1.0 + z * (1.0 - sigmoid))
+    raise ValueError(f"titans_memory: unknown activation {name!r}")
+
+
+def activation_derivatives(name, z):
+    """(phi(z), phi'(z), phi''(z)): the backward of the keys' error pass needs the second."""
+    if name == "gelu":
+        inner = _GELU_SCALE * (z + _GELU_CUBIC * z * z * z)
+        t = jnp.tanh(inner)
+        d_inner = _GELU_SCALE * (1.0 + 3.0 * _GELU_CUBIC * z * z)
+        dd_inner = _GELU_SCALE * 6.0 * _GELU_CUBIC * z
+        sech2 = 1.0 - t * t
+        value = 0.5 * z * (1.0 + t)
+        slope = 0.5 * (1.0 + t) + 0.5 * z * sech2 * d_inner
+        curvature = sech2 * (d_inner + 0.5 * z * (dd_inner - 2.0 * t * d_inner * d_inner))
+        return value, slope, curvature
+    if name == "silu":
+        sigmoid = 1.0 / (1.0 + jnp.exp(-z))
+        value, slope = z * sigmoid, sigmoid * (1.0 + z * (1.0 - sigmoid))
+        return value, slope, sigmoid * (1.0 - sigmoid) * (2.0 + z * (1.0 - 2.0 * sigmoid))
     raise ValueError(f"titans_memory: unknown activation {name!r}")
 
 
@@ -125,35 +145,52 @@ def chunk_coefficients(theta, log_retain, log_momentum, mask) -> Coefficients:
     )
 
 
-def chunk_forward(carry, q, k, v, theta, log_retain, log_momentum, mask, *, activation):
-    """carry = (anchor, weights, momentum), each a tuple of [din,dout] float32 per layer;
-    q, k [C,Dk], v [C,Dv] and the per-token columns [C,1] float32 (log_momentum None: no
-    momentum) -> (y [C,Dv], carry after the chunk), float32."""
+class ChunkActivations(NamedTuple):
+    """What a chunk's backward reads of its forward, one entry per layer l."""
+
+    key_inputs: tuple  # X_l [C,din]: the keys' layer inputs at the anchor (X_1 = k)
+    key_pre_activations: tuple  # Z_l = X_l A_l [C,dout]
+    errors: tuple  # Delta_l [C,dout]: the loss's errors back through the anchor
+    query_inputs: tuple  # H_l [C,din]: the queries' layer inputs (H_1 = q)
+    query_pre_activations: tuple  # the queries' pre-activations [C,dout] (the last is y)
+    from_weights: tuple  # H_l W_l [C,dout]
+    from_momentum: tuple  # H_l S_l [C,dout], or Nones without momentum
+
+
+def chunk_pass(carry, q, k, v, theta, log_retain, log_momentum, mask, *, activation, t_dot=t_dot):
+    """chunk_forward, also returning the ChunkActivations its backward reads. t_dot: the
+    a^T b matmul (XLA passes `t_dot_transposing_first`; Pallas kernels keep the default)."""
     anchor, weights, momentum = carry
     depth = len(weights)
     coefficients = chunk_coefficients(theta, log_retain, log_momentum, mask)
 
     # The keys' forward pass at the anchor, then the loss's errors back through it.
-    layer_inputs, pre_activations, x = [], [], k
+    key_inputs, key_pre_activations, x = [], [], k
     for layer, a in enumerate(anchor):
-        layer_inputs.append(x)
+        key_inputs.append(x)
         z = dot(x, a)
-        pre_activations.append(z)
+        key_pre_activations.append(z)
         if layer < depth - 1:
             x = activation_and_derivative(activation, z)[0]
     errors = [None] * depth
-    error = 2.0 * (pre_activations[-1] - v)
+    error = 2.0 * (key_pre_activations[-1] - v)
     for layer in reversed(range(depth)):
         errors[layer] = error
         if layer > 0:
-            error = dot_t(error, anchor[layer]) * activation_and_derivative(activation, pre_activations[layer - 1])[1]
+            error = dot_t(error, anchor[layer]) * activation_and_derivative(activation, key_pre_activations[layer - 1])[1]
 
-    x = q
+    query_inputs, query_pre_activations, from_weights, from_momentum, x = [], [], [], [], q
     for layer in range(depth):
-        z = coefficients.retain * dot(x, weights[layer])
-        if coefficients.from_momentum is not None:
-            z = z + coefficients.from_momentum * dot(x, momentum[layer])
-        z = z - dot(coefficients.updates * dot_t(x, layer_inputs[layer]), errors[layer])
+        query_inputs.append(x)
+        from_weights.append(dot(x, weights[layer]))
+        z = coefficients.retain * from_weights[-1]
+        if coefficients.from_momentum is None:
+            from_momentum.append(None)
+        else:
+            from_momentum.append(dot(x, momentum[layer]))
+            z = z + coefficients.from_momentum * from_momentum[-1]
+        z = z - dot(coefficients.updates * dot_t(x, key_inputs[layer]), errors[layer])
+        query_pre_activations.append(z)
         x = activation_and_derivative(activation, z)[0] if layer < depth - 1 else z
 
     new_weights, new_momentum = [], []
@@ -162,12 +199,150 @@ def chunk_forward(carry, q, k, v, theta, log_retain, log_momentum, mask, *, acti
         s = coefficients.last_momentum_decay * momentum[layer]
         if coefficients.last_from_momentum is not None:
             w = w + coefficients.last_from_momentum * momentum[layer]
-        w = w - t_dot(layer_inputs[layer], coefficients.last_updates * errors[layer])
-        s = s - t_dot(layer_inputs[layer], coefficients.last_momentum_updates * errors[layer])
+        w = w - t_dot(key_inputs[layer], coefficients.last_updates * errors[layer])
+        s = s - t_dot(key_inputs[layer], coefficients.last_momentum_updates * errors[layer])
         new_weights.append(w)
         new_momentum.append(s)
     new_anchor = tuple(jnp.where(coefficients.last_is_valid, w, a) for w, a in zip(new_weights, anchor))
-    return x, (new_anchor, tuple(new_weights), tuple(new_momentum))
+    activations = ChunkActivations(
+        tuple(key_inputs), tuple(key_pre_activations), tuple(errors), tuple(query_inputs),
+        tuple(query_pre_activations), tuple(from_weights), tuple(from_momentum),
+    )
+    return x, (new_anchor, tuple(new_weights), tuple(new_momentum)), activations
+
+
+def chunk_forward(carry, q, k, v, theta, log_retain, log_momentum, mask, *, activation):
+    """carry = (anchor, weights, momentum), each a tuple of [din,dout] float32 per layer;
+    q, k [C,Dk], v [C,Dv] and the per-token columns [C,1] float32 (log_momentum None: no
+    momentum) -> (y [C,Dv], carry after the chunk), float32."""
+    y, carry, _ = chunk_pass(carry, q, k, v, theta, log_retain, log_momentum, mask, activation=activation)
+    return y, carry
+
+
+def _coefficient_values(theta, log_retain, log_momentum, mask):
+    """The differentiable fields of chunk_coefficients (all but last_is_valid)."""
+    return chunk_coefficients(theta, log_retain, log_momentum, mask)._replace(last_is_valid=None)
+
+
+def chunk_backward(
+    carry, q, k, v, theta, log_retain, log_momentum, mask, activations, d_y, d_carry, *, activation, t_dot=t_dot
+):
+    """The VJP of chunk_forward, written out: it reads the forward's ChunkActivations
+    instead of recomputing them, and costs about two forwards.
+
+    d_y [C,Dv] and d_carry = (dA', dW', dS') are the cotangents of the chunk's outputs.
+    Returns (d_carry before the chunk, dq, dk, dv, dtheta, dlog_retain, dlog_momentum or
+    None), float32. The C x C coefficients are differentiated by jax.vjp (cheap); the
+    matmuls over the memory's widths are written out. t_dot as in chunk_pass."""
+    anchor, weights, momentum = carry
+    d_new_anchor, d_new_weights, d_new_momentum = d_carry
+    depth = len(weights)
+    act = activations
+    has_momentum = log_momentum is not None
+
+    if has_momentum:
+        coefficients, coefficients_vjp = jax.vjp(
+            lambda t, r, m: _coefficient_values(t, r, m, mask), theta, log_retain, log_momentum
+        )
+    else:
+        coefficients, coefficients_vjp = jax.vjp(lambda t, r: _coefficient_values(t, r, None, mask), theta, log_retain)
+    last_is_valid = sum_columns(jnp.where(lax.broadcasted_iota(jnp.int32, mask.shape, 0) == mask.shape[0] - 1, mask, 0.0)) > 0.0
+
+    zeros_like_column = jnp.zeros_like(theta)
+    d_retain, d_updates = zeros_like_column, jnp.zeros_like(coefficients.updates)
+    d_from_momentum = zeros_like_column if has_momentum else None
+    d_last_retain = jnp.zeros((1, 1), jnp.float32)
+    d_last_from_momentum = d_last_retain if has_momentum else None
+    d_last_momentum_decay = d_last_retain
+    d_last_updates, d_last_momentum_updates = zeros_like_column, zeros_like_column
+
+    d_anchor, d_weights, d_momentum = [], [], []
+    d_key_inputs, d_errors = [None] * depth, [None] * depth
+    # The chunk-end update: A' = W' if the chunk completes, W' = F W + g S - X^T (c_W * Delta),
+    # S' = E S - X^T (c_S * Delta).
+    for layer in range(depth):
+        d_w_new = d_new_weights[layer] + jnp.where(last_is_valid, d_new_anchor[layer], 0.0)
+        d_s_new = d_new_momentum[layer]
+        d_anchor.append(jnp.where(last_is_valid, 0.0, d_new_anchor[layer]))
+        d_weights.append(coefficients.last_retain * d_w_new)
+        d_momentum.append(coefficients.last_momentum_decay * d_s_new)
+        d_last_retain = d_last_retain + jnp.sum(weights[layer] * d_w_new, keepdims=True)
+        d_last_momentum_decay = d_last_momentum_decay + jnp.sum(momentum[layer] * d_s_new, keepdims=True)
+        if has_momentum:
+            d_momentum[layer] = d_momentum[layer] + coefficients.last_from_momentum * d_w_new
+            d_last_from_momentum = d_last_from_momentum + jnp.sum(momentum[layer] * d_w_new, keepdims=True)
+        x, error = act.key_inputs[layer], act.errors[layer]
+        d_scaled_w = -dot(x, d_w_new)  # d(c_W * Delta)
+        d_scaled_s = -dot(x, d_s_new)
+        d_key_inputs[layer] = -(
+            dot_t(coefficients.last_updates * error, d_w_new) + dot_t(coefficients.last_momentum_updates * error, d_s_new)
+        )
+        d_errors[layer] = coefficients.last_updates * d_scaled_w + coefficients.last_momentum_updates * d_scaled_s
+        d_last_updates = d_last_updates + sum_rows(error * d_scaled_w)
+        d_last_momentum_updates = d_last_momentum_updates + sum_rows(error * d_scaled_s)
+
+    # The queries' pass, last layer first:
+    # z_l = F (H_l W_l) + g (H_l S_l) - (U * (H_l X_l^T)) Delta_l.
+    d_z = d_y
+    for layer in reversed(range(depth)):
+        h, x, error = act.query_inputs[layer], act.key_inputs[layer], act.errors[layer]
+        d_retain = d_retain + sum_rows(act.from_weights[layer] * d_z)
+        scaled = coefficients.retain * d_z
+        d_weights[layer] = d_weights[layer] + t_dot(h, scaled)
+        d_h = dot_t(scaled, weights[layer])
+        if has_momentum:
+            d_from_momentum = d_from_momentum + sum_rows(act.from_momentum[layer] * d_z)
+            scaled = coefficients.from_momentum * d_z
+            d_momentum[layer] = d_momentum[layer] + t_dot(h, scaled)
+            d_h = d_h + dot_t(scaled, momentum[layer])
+        similarity = dot_t(h, x)  # H_l X_l^T [C,C]
+        d_errors[layer] = d_errors[layer] - t_dot(coefficients.updates * similarity, d_z)
+        d_mixed = -dot_t(d_z, error)  # d(U * (H X^T))
+        d_updates = d_updates + d_mixed * similarity
+        d_similarity = d_mixed * coefficients.updates
+        d_h = d_h + dot(d_similarity, x)
+        d_key_inputs[layer] = d_key_inputs[layer] + t_dot(d_similarity, h)
+        if layer > 0:
+            d_z = d_h * activation_and_derivative(activation, act.query_pre_activations[layer - 1])[1]
+    d_q = d_h
+
+    # The keys' pass at the anchor: Delta_L = 2 (Z_L - v),
+    # Delta_l = (Delta_{l+1} A_{l+1}^T) * phi'(Z_l), Z_l = X_l A_l, X_{l+1} = phi(Z_l).
+    d_key_pre = [None] * depth
+    for layer in range(depth - 1):  # Delta_1 was made last, so it is undone first
+        z = act.key_pre_activations[layer]
+        _, slope, curvature = activation_derivatives(activation, z)
+        back = dot_t(act.errors[layer + 1], anchor[layer + 1])
+        d_back = d_errors[layer] * slope
+        d_key_pre[layer] = d_errors[layer] * back * curvature
+        d_errors[layer + 1] = d_errors[layer + 1] + dot(d_back, anchor[layer + 1])
+        d_anchor[layer + 1] = d_anchor[layer + 1] + t_dot(d_back, act.errors[layer + 1])
+    d_key_pre[-1] = 2.0 * d_errors[-1]  # Z_L's only use in the error pass is Delta_L
+    d_v = -2.0 * d_errors[-1]
+    for layer in reversed(range(depth)):
+        d_anchor[layer] = d_anchor[layer] + t_dot(act.key_inputs[layer], d_key_pre[layer])
+        d_x = d_key_inputs[layer] + dot_t(d_key_pre[layer], anchor[layer])
+        if layer > 0:
+            slope = activation_and_derivative(activation, act.key_pre_activations[layer - 1])[1]
+            d_key_pre[layer - 1] = d_key_pre[layer - 1] + d_x * slope
+    d_k = d_x
+
+    d_coefficients = Coefficients(
+        retain=d_retain,
+        from_momentum=d_from_momentum,
+        updates=d_updates,
+        last_retain=d_last_retain,
+        last_from_momentum=d_last_from_momentum,
+        last_momentum_decay=d_last_momentum_decay,
+        last_updates=d_last_updates,
+        last_momentum_updates=d_last_momentum_updates,
+        last_is_valid=None,
+    )
+    d_rates = coefficients_vjp(d_coefficients)
+    d_theta, d_log_retain = d_rates[0], d_rates[1]
+    d_log_momentum = d_rates[2] if has_momentum else None
+    d_carry = (tuple(d_anchor), tuple(d_weights), tuple(d_momentum))
+    return d_carry, d_q, d_k, d_v, d_theta, d_log_retain, d_log_momentum
 
 
 # --- placing tokens on the chunk schedule ----------------------------------------------

@@ -4,10 +4,11 @@ dual form of `kernels.titans_memory.chunked` inside, vmapped over batch and head
 A plain scan's autodiff would save the carry of every chunk, (T/C)·|W| floats. Here the
 chunks are scanned in about sqrt(T/C) groups of about sqrt(T/C) chunks (`scan_by_groups`):
 the forward keeps only the carries at group starts; the backward, group by group from the
-last, recomputes the group's carries and pulls the cotangents back one chunk at a time
-with jax.vjp of the chunk. O(sqrt(T/C)·|W|) memory, and on CPU faster than autodiff of a
-checkpointed nested scan, which stacks every chunk's residuals. Chunks added to fill the
-last group are all padding, exact no-ops.
+last, reruns the group's chunks to get their carries and activations, then pulls the
+cotangents back one chunk at a time with the written-out `chunked.chunk_backward`.
+O(sqrt(T/C)·|W|) memory; one forward more than a plain scan's autodiff, and about 1.2x
+faster than jax.vjp of each chunk, which reruns the chunk's forward a second time. Chunks
+added to fill the last group are all padding, exact no-ops.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from kernels._matmul import t_dot_transposing_first
 from kernels.titans_memory import chunked
 
 
@@ -63,48 +65,74 @@ def run_chunks(config: chunked.ChunkConfig, placed: chunked.PlacedInputs, carry)
         return jnp.moveaxis(x, 0, 2)
 
     tokens = [placed.q, placed.k, placed.v, placed.theta, placed.log_retain, placed.log_momentum, placed.mask]
-    tokens = [None if x is None else by_group(x) for x in tokens]
+    tokens = tuple(None if x is None else by_group(x) for x in tokens)
+
+    column = lambda x: None if x is None else x[:, None]
 
     def one_head(carry, q, k, v, theta, log_retain, log_momentum, mask):
-        column = lambda x: None if x is None else x[:, None]
-        return chunked.chunk_forward(
+        return chunked.chunk_pass(
             carry, q, k, v, column(theta), column(log_retain), column(log_momentum), column(mask),
-            activation=config.activation,
+            activation=config.activation, t_dot=t_dot_transposing_first,
         )
 
+    def one_head_backward(carry, q, k, v, theta, log_retain, log_momentum, mask, activations, d_y, d_carry):
+        d_carry, *d_tokens = chunked.chunk_backward(
+            carry, q, k, v, column(theta), column(log_retain), column(log_momentum), column(mask),
+            activations, d_y, d_carry, activation=config.activation, t_dot=t_dot_transposing_first,
+        )
+        d_q, d_k, d_v, *d_rates = d_tokens
+        d_rates = [None if d is None else d[:, 0] for d in d_rates]
+        return d_carry, (d_q, d_k, d_v, *d_rates, jnp.zeros_like(mask))
+
     # Carry [B,H,din,dout]: heads on axis 0 once batch is mapped; tokens [B,C,H,...]: axis 1.
-    per_head = jax.vmap(one_head, in_axes=(0, 1, 1, 1, 1, 1, 1, 1), out_axes=(1, 0))
-    per_chunk = jax.vmap(per_head)
+    tokens_axis = (1,) * 7
+    per_chunk = jax.vmap(jax.vmap(one_head, in_axes=(0, *tokens_axis), out_axes=(1, 0, 0)))
+    per_chunk_backward = jax.vmap(
+        jax.vmap(one_head_backward, in_axes=(0, *tokens_axis, 0, 1, 0), out_axes=(0, tokens_axis))
+    )
 
     def chunk_step(carry, chunk):
-        y, carry = per_chunk(carry, *chunk)
-        return carry, y
+        y, carry, activations = per_chunk(carry, *chunk)
+        return carry, y, activations
 
-    carry, y = scan_by_groups(chunk_step, carry, tokens)
+    def chunk_step_backward(carry, chunk, activations, d_carry, d_y):
+        return per_chunk_backward(carry, *chunk, activations, d_y, d_carry)
+
+    carry, y = scan_by_groups(chunk_step, chunk_step_backward, carry, tokens)
     # [groups, per group, B, C, H, Dv] -> [B, T', H, Dv]
     y = jnp.moveaxis(y, 2, 0).reshape(batch, num_groups * group * c, heads, -1)
     return y[:, :padded_len], carry
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def scan_by_groups(step, step_backward, carry, xs):
+    """lax.scan of step(carry, x) -> (carry, y, residuals) over xs [groups, per group, ...]
+    -> (final carry, ys [groups, per group, ...]). The backward keeps only the carries at
+    group starts; at each group, from the last, it reruns the group's steps to get their
+    carries and residuals, then calls step_backward(carry, x, residuals, d_carry_out, d_y)
+    -> (d_carry_in, d_x) from the group's last step to its first."""
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def scan_by_groups(step, carry, xs):
-    """lax.scan of step(carry, x) -> (carry, y) over xs [groups, per group, ...]
-    -> (final carry, ys [groups, per group, ...]), with a backward that keeps only the
-    carries at group starts and recomputes each group's carries when it gets there."""
-    return lax.scan(lambda carry, group_xs: lax.scan(step, carry, group_xs), carry, xs)
+    def plain_step(carry, x):
+        carry, y, _ = step(carry, x)
+        return carry, y
+
+    return lax.scan(lambda carry, group_xs: lax.scan(plain_step, carry, group_xs), carry, xs)
 
 
-def _scan_by_groups_forward(step, carry, xs):
+def _scan_by_groups_forward(step, step_backward, carry, xs):
+    def plain_step(carry, x):
+        carry, y, _ = step(carry, x)
+        return carry, y
+
     def group(carry, group_xs):
-        final, ys = lax.scan(step, carry, group_xs)
+        final, ys = lax.scan(plain_step, carry, group_xs)
         return final, (ys, carry)
 
     final, (ys, group_starts) = lax.scan(group, carry, xs)
     return (final, ys), (group_starts, xs)
 
 
-def _scan_by_groups_backward(step, residuals, cotangents):
+def _scan_by_groups_backward(step, step_backward, residuals, cotangents):
     group_starts, xs = residuals
     d_final, d_ys = cotangents
 
@@ -112,19 +140,20 @@ def _scan_by_groups_backward(step, residuals, cotangents):
         start, group_xs, group_d_ys = group
 
         def advance(carry, x):
-            return step(carry, x)[0], carry
+            next_carry, _, step_residuals = step(carry, x)
+            return next_carry, (carry, step_residuals)
 
-        # The carry before each step of the group: per-group memory, not per-sequence.
-        _, step_starts = lax.scan(advance, start, group_xs)
+        # Each step's carry and residuals: memory per group, not per sequence.
+        _, (step_starts, step_residuals) = lax.scan(advance, start, group_xs)
 
-        def step_backward(d_carry, inputs):
-            step_start, x, d_y = inputs
-            _, pullback = jax.vjp(step, step_start, x)
-            return pullback((d_carry, d_y))
+        def backward_step(d_carry, inputs):
+            step_start, x, residual, d_y = inputs
+            return step_backward(step_start, x, residual, d_carry, d_y)
 
-        return lax.scan(step_backward, d_carry, (step_starts, group_xs, group_d_ys), reverse=True)
+        return lax.scan(backward_step, d_carry, (step_starts, group_xs, step_residuals, group_d_ys), reverse=True)
 
-    return lax.scan(group_backward, d_final, (group_starts, xs, d_ys), reverse=True)
+    d_start, d_xs = lax.scan(group_backward, d_final, (group_starts, xs, d_ys), reverse=True)
+    return d_start, d_xs
 
 
 scan_by_groups.defvjp(_scan_by_groups_forward, _scan_by_groups_backward)

@@ -179,6 +179,8 @@ MATCHES_REFERENCE_CASES = [
     _case("xla", 2, 1, 9, momentum=False, retain=False, slow=True),
     _case("xla", 1, 4, 21, offset=3),
     _case("xla", 2, 4, 21, offset=1, activation="silu"),
+    _case("xla", 3, 4, 14, offset=2),
+    _case("xla", 4, 2, 9, momentum=False, activation="silu", slow=True),
     _case("xla", 2, 8, 19, momentum=False, slow=True),
     _case("xla", 2, 16, 37, retain=False, slow=True),
     _case("xla", 1, 16, 40, offset=9, momentum=False, retain=False, slow=True),
@@ -207,6 +209,47 @@ def test_matches_reference_values_and_gradients(
     expected = _outputs_and_grads(inputs, cotangents, implementation="reference", **options)
     assert actual[0].dtype == dtype and actual[1][0].dtype == jnp.float32
     _assert_outputs_close(actual, expected, tol=1e-5 if dtype == jnp.float32 else 2e-2)
+
+
+@pytest.mark.parametrize("depth, momentum, activation, valid_tokens", [
+    (1, True, "gelu", 8), (2, True, "gelu", 5), (2, False, "silu", 8), (3, True, "silu", 3),
+])
+def test_written_out_chunk_backward_equals_autodiff_of_the_chunk(depth, momentum, activation, valid_tokens):
+    # One chunk, 2D, with cotangents on y and on every carry (the anchor's too), and a
+    # chunk that may end in padding (then the anchor passes through).
+    from kernels.titans_memory import chunked
+
+    size, dim = 8, 4
+    keys = iter(range(100 * depth, 100 * depth + 50))
+    shapes = kernels.memory_layer_shapes(dim, dim, depth)
+    carry = tuple(tuple(0.3 * random_normal(next(keys), s) for s in shapes) for _ in range(3))
+    q, k, v = (random_normal(next(keys), (size, dim)) for _ in range(3))
+    column = lambda low, high: jnp.asarray(np.random.default_rng(next(keys)).uniform(low, high, (size, 1)), jnp.float32)
+    theta, log_retain = column(0.01, 0.1), jnp.log(column(0.8, 1.0))
+    log_momentum = jnp.log(column(0.5, 1.0)) if momentum else None
+    mask = (jnp.arange(size)[:, None] < valid_tokens).astype(jnp.float32)
+    d_y = random_normal(next(keys), (size, dim))
+    d_carry = tuple(tuple(random_normal(next(keys), s) for s in shapes) for _ in range(3))
+
+    def forward(carry, q, k, v, theta, log_retain, log_momentum):
+        return chunked.chunk_forward(carry, q, k, v, theta, log_retain, log_momentum, mask, activation=activation)
+
+    inputs = (carry, q, k, v, theta, log_retain, log_momentum)
+
+    @jax.jit
+    def autodiff(inputs):
+        return jax.vjp(forward, *inputs)[1]((d_y, d_carry))
+
+    @jax.jit
+    def written_out(inputs):
+        _, _, activations = chunked.chunk_pass(*inputs, mask, activation=activation)
+        return chunked.chunk_backward(*inputs, mask, activations, d_y, d_carry, activation=activation)
+
+    expected, actual = autodiff(inputs), written_out(inputs)
+    names = ("d_carry", "dq", "dk", "dv", "dtheta", "dlog_retain", "dlog_momentum")
+    for name, a, e in zip(names, actual, expected):
+        for a_leaf, e_leaf in zip(jax.tree.leaves(a), jax.tree.leaves(e)):
+            assert_close(a_leaf, e_leaf, tol=1e-5, name=name)
 
 
 def test_bfloat16_inputs_match_the_reference():
