@@ -499,13 +499,12 @@ class TitansMAC(nnx.Module):
         gated = o_BTHD * jax.nn.sigmoid(self.gate_norm(m_BTHD.astype(o_BTHD.dtype)))
         return self.o_proj(gated.reshape(*gated.shape[:2], -1))
 
-    def __call__(self, x_BTD, *, segment_ids=None, positions=None):
-        _reject_segment_ids("titans_mac", segment_ids)
+    def _segments(self, x_BTD, memory: MemoryState, retrieval_conv: jax.Array):
+        """Whole segments in parallel, starting at a segment boundary: x [B, n·S, D] ->
+        (outputs, memory after them, retrieval conv tail). The retrievals of each segment
+        read the memory as it stood at its start."""
         batch, length, d_model = x_BTD.shape
-        n_segments = -(-length // self.segment_len)
-        # Trailing padding only follows the real tokens, so it never reaches their outputs.
-        padded = jnp.pad(x_BTD, ((0, 0), (0, n_segments * self.segment_len - length), (0, 0)))
-        segments = padded.reshape(batch, n_segments, self.segment_len, d_model).swapaxes(0, 1)
+        segments = x_BTD.reshape(batch, length // self.segment_len, self.segment_len, d_model).swapaxes(0, 1)
         context_positions = jnp.arange(self.prefix + 2 * self.segment_len)
         persistent = None if self.persistent is None else self.persistent.batch(batch)
 
@@ -520,9 +519,17 @@ class TitansMAC(nnx.Module):
             m, memory = self.memory.prefill(o.reshape(batch, self.segment_len, -1), memory)
             return (memory, retrieval_conv), self._output(o, m)
 
-        start = (self.memory.init_state(batch), self.retrieval_query.init_state(batch))
-        _, out = jax.lax.scan(segment, start, segments)
-        return out.swapaxes(0, 1).reshape(batch, n_segments * self.segment_len, d_model)[:, :length]
+        (memory, retrieval_conv), out = jax.lax.scan(segment, (memory, retrieval_conv), segments)
+        return out.swapaxes(0, 1).reshape(batch, length, d_model), memory, retrieval_conv
+
+    def __call__(self, x_BTD, *, segment_ids=None, positions=None):
+        _reject_segment_ids("titans_mac", segment_ids)
+        batch, length, _ = x_BTD.shape
+        n_segments = -(-length // self.segment_len)
+        # Trailing padding only follows the real tokens, so it never reaches their outputs.
+        padded = jnp.pad(x_BTD, ((0, 0), (0, n_segments * self.segment_len - length), (0, 0)))
+        out, _, _ = self._segments(padded, self.memory.init_state(batch), self.retrieval_query.init_state(batch))
+        return out[:, :length]
 
     def _empty_cache(self, batch: int) -> kernels.KVCache:
         cache = kernels.init_kv_cache(
@@ -565,15 +572,34 @@ class TitansMAC(nnx.Module):
         )
         return self._output(o, m[:, None])[:, 0], MACState(cache, memory, segment_weights, retrieval_conv)
 
-    def prefill(self, x_BTD, state: MACState):
-        """Token by token through `step`: a carried state may stop anywhere inside a segment."""
-
+    def _step_through(self, x_BTD, state: MACState):
         def one(state, x_BD):
             y, state = self.step(x_BD, state)
             return state, y
 
         state, y = jax.lax.scan(one, state, x_BTD.swapaxes(0, 1))
         return y.swapaxes(0, 1), state
+
+    def prefill(self, x_BTD, state: MACState):
+        """Whole segments in parallel when the state sits at a segment boundary (a fresh
+        state, or one that ended a segment), token by token through `step` otherwise; the
+        tokens after the last whole segment always go through `step`."""
+        whole = x_BTD.shape[1] // self.segment_len * self.segment_len
+        y = []
+        if whole:
+            head = x_BTD[:, :whole]
+
+            def by_segments(state):
+                out, memory, retrieval_conv = self._segments(head, state.memory, state.retrieval_conv)
+                return out, MACState(state.cache, memory, memory.memory.weights, retrieval_conv)
+
+            at_boundary = state.cache.length == self.prefix
+            out, state = jax.lax.cond(at_boundary, by_segments, lambda state: self._step_through(head, state), state)
+            y.append(out)
+        if whole < x_BTD.shape[1]:
+            out, state = self._step_through(x_BTD[:, whole:], state)
+            y.append(out)
+        return jnp.concatenate(y, axis=1), state
 
     def state_bytes(self, batch: int, length: int) -> int:
         """The segment buffer (allocated whole), the memory's state, W_seg and the retrieval conv tail."""

@@ -85,6 +85,21 @@ def test_prefill_then_steps_equal_the_parallel_form(case):
     assert_close(jnp.concatenate(got, axis=1), want, tol=1e-5, name=f"{name} decode logits")
 
 
+@pytest.mark.parametrize("pieces", [(4, 3, 6), (8, 5)])
+def test_mac_prefill_in_pieces_equals_the_parallel_form(pieces):
+    # Segments of 4: a piece that starts on a segment boundary runs its whole segments in
+    # parallel; one that starts inside a segment (after 4 + 3 tokens) goes token by token.
+    model = build_model(CASES["mac"], seed=1)
+    x = tokens()
+    want = forward(model, x)
+    state, got, start = model.init_state(2, LENGTH), [], 0
+    for size in pieces:
+        logits, state = prefill(model, x[:, start : start + size], state)
+        got.append(logits)
+        start += size
+    assert_close(jnp.concatenate(got, axis=1), want, tol=1e-5, name="mac logits prefilled in pieces")
+
+
 def test_changing_a_token_never_changes_earlier_outputs(case):
     name, model = case
     x = tokens()
