@@ -9,6 +9,8 @@ attention mixers (the convolution gives the positional signal), one head.
 from arch.config import ModelConfig
 from train.config import DataConfig, LoggingConfig, OptimizerConfig, TrainConfig
 
+_TITANS_MQAR = {"depth": 1, "chunk_size": 8, "theta_max": 0.1}
+
 # Per bench name: ModelConfig fields of its MQAR model, and "mixer" when the name is a variant
 # of a registered mixer (`--mixers based-f8`). Names not listed are mixers with one head and defaults.
 MIXER_SETTINGS = {
@@ -30,19 +32,27 @@ MIXER_SETTINGS = {
         f"based-f{dim}": {"mixer": "based", "n_heads": 1, "mixer_options": {"based": {"feature_dim": dim}}}
         for dim in (8, 16, 24)
     },
-    # Titans: chunks of 8 tokens keep the memory's writes fine-grained at these short lengths; MAC's
-    # segments of 32 leave most pairs to the memory at length 64 and beyond.
-    "titans_lmm": {"n_heads": 1, "mixer_options": {"titans_lmm": {"chunk_size": 8}}},
+    # Titans at MQAR's widths: a matrix memory (depth 1; `titans_lmm-deep` is the paper's depth 2, about
+    # 5x slower per step on a CPU), chunks of 8 tokens so the memory writes often at these lengths, and
+    # theta_max 0.1: the stable bound C·θ·λ < 2(1 + η) (see MemoryOptions) allows about 0.1 at C = 8,
+    # and the default 0.01, set for C = 64, leaves the memory too weak to learn the task in this budget.
+    # MAC's segments of 32 leave most pairs to the memory at length 64 and beyond.
+    "titans_lmm": {"n_heads": 1, "mixer_options": {"titans_lmm": _TITANS_MQAR}},
+    "titans_lmm-deep": {
+        "mixer": "titans_lmm",
+        "n_heads": 1,
+        "mixer_options": {"titans_lmm": {**_TITANS_MQAR, "depth": 2}},
+    },
     "titans_mac": {
         "n_heads": 1,
-        "mixer_options": {"titans_mac": {"chunk_size": 8, "segment_len": 32, "rope": False}},
+        "mixer_options": {"titans_mac": {**_TITANS_MQAR, "segment_len": 32, "rope": False}},
     },
     # The paper's ablations (its Table 5) of the memory's momentum and its forgetting.
     **{
         f"titans_lmm-no-{name}": {
             "mixer": "titans_lmm",
             "n_heads": 1,
-            "mixer_options": {"titans_lmm": {"chunk_size": 8, field: False}},
+            "mixer_options": {"titans_lmm": {**_TITANS_MQAR, field: False}},
         }
         for name, field in (("momentum", "momentum"), ("decay", "weight_decay"))
     },

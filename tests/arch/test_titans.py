@@ -223,7 +223,9 @@ def test_titans_mac_tiny_preset_trains_and_resumes(tmp_path):
     assert sorted(resumed.losses) == [3] and np.isfinite(resumed.losses[3])
 
 
-@pytest.mark.parametrize("name", ["titans_lmm", "titans_mac", "titans_lmm-no-momentum", "titans_lmm-no-decay"])
+@pytest.mark.parametrize(
+    "name", ["titans_lmm", "titans_lmm-deep", "titans_mac", "titans_lmm-no-momentum", "titans_lmm-no-decay"]
+)
 def test_mqar_settings_build_two_block_models(name):
     grid = protocol_mqar.MqarGrid(
         mixers=(name,), d_models=(64,), seq_lens=(64,), kv_pairs=(4,), lrs=(1e-3,),
@@ -235,6 +237,7 @@ def test_mqar_settings_build_two_block_models(name):
     options = model.mixer_options[mixer]
     assert options.get("momentum", True) == (name != "titans_lmm-no-momentum")
     assert options.get("weight_decay", True) == (name != "titans_lmm-no-decay")
+    assert options["depth"] == (2 if name == "titans_lmm-deep" else 1)
 
 
 @pytest.mark.parametrize("variant", ["lmm", "mag", "mac", "mal"])
