@@ -218,7 +218,7 @@ def run(grid: MqarGrid, out_dir: pathlib.Path | None = None, *, log=sys.stderr) 
     out_dir.mkdir(parents=True, exist_ok=True)
     device = jax.devices()[0]
     started = time.perf_counter()
-    runs = []
+    runs, total = [], len(points) * len(grid.lrs)
     for point in points:
         for lr in grid.lrs:
             result = train_and_score(grid, point, lr, device)
@@ -229,7 +229,11 @@ def run(grid: MqarGrid, out_dir: pathlib.Path | None = None, *, log=sys.stderr) 
                 file=log,
                 flush=True,
             )
-    return write_leaderboard(grid, best_runs(runs), runs, out_dir, time.perf_counter() - started)
+            # After every run, so a sweep that is stopped keeps what it finished.
+            written = write_leaderboard(
+                grid, best_runs(runs), runs, out_dir, time.perf_counter() - started, planned_runs=total
+            )
+    return written
 
 
 def best_runs(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -243,8 +247,17 @@ def best_runs(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def write_leaderboard(
-    grid: MqarGrid, best: Sequence[dict[str, Any]], runs: Sequence[dict[str, Any]], out_dir: pathlib.Path, seconds: float
+    grid: MqarGrid,
+    best: Sequence[dict[str, Any]],
+    runs: Sequence[dict[str, Any]],
+    out_dir: pathlib.Path,
+    seconds: float,
+    *,
+    planned_runs: int | None = None,
 ) -> dict[str, pathlib.Path]:
+    """planned_runs: the grid's run count; while fewer runs are in, the files say so."""
+    planned_runs = len(runs) if planned_runs is None else planned_runs
+    progress = "" if len(runs) >= planned_runs else f" In progress: {len(runs)} of {planned_runs} runs."
     best = sorted(best, key=lambda r: (r["seq_len"], -r["accuracy"], r["state_bytes"]))
     longer_lengths = sorted({length for r in best for length in r["longer_accuracy"]})
     headers = [
@@ -263,7 +276,7 @@ def write_leaderboard(
         f"# MQAR leaderboard\n\nvocabulary {grid.vocab_size}, {grid.train_examples} training examples, "
         f"up to {grid.epochs} epochs of batch {grid.batch_size}, learning rates {', '.join(f'{lr:g}' for lr in grid.lrs)}; "
         f"accuracy on {grid.test_examples} held-out examples, best over learning rates; state = decode-state bytes "
-        f"per sequence at the training length. {seconds / 60:.1f} minutes.\n\n"
+        f"per sequence at the training length. {seconds / 60:.1f} minutes.{progress}\n\n"
         + report.markdown_table(headers, markdown_rows)
     )
     (out_dir / "leaderboard.md").write_text(markdown)
@@ -275,6 +288,7 @@ def write_leaderboard(
         "csv": report.write_csv(out_dir / "leaderboard.csv", headers, rows),
         "plot": report.plot_accuracy_against_state(out_dir / "accuracy_vs_state.png", best, "MQAR: accuracy against state size"),
         "json": report.write_json(
-            out_dir / "results.json", {"grid": grid_dict, "best": points, "runs": all_runs, "seconds": seconds}
+            out_dir / "results.json",
+            {"grid": grid_dict, "best": points, "runs": all_runs, "planned_runs": planned_runs, "seconds": seconds},
         ),
     }

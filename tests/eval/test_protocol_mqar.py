@@ -35,7 +35,8 @@ def test_bench_writes_the_leaderboard_plot_and_results(bench_dir):
     assert "| attention |" in markdown and "| sliding_window |" in markdown
     assert (bench_dir / "accuracy_vs_state.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     results = json.loads((bench_dir / "results.json").read_text())
-    assert len(results["runs"]) == 2 and results["grid"]["vocab_size"] == 64
+    assert len(results["runs"]) == 2 and results["planned_runs"] == 2 and results["grid"]["vocab_size"] == 64
+    assert "In progress" not in markdown
 
 
 def test_state_bytes_are_the_mixers_own_at_the_training_length(bench_dir):
@@ -44,6 +45,25 @@ def test_state_bytes_are_the_mixers_own_at_the_training_length(bench_dir):
     conv = 2 * D_MODEL * 4  # BaseConv: kernel_size - 1 = 2 inputs of width d_model, float32
     assert state["attention"] == conv + 2 * SEQ_LEN * D_MODEL * 4  # keys and values of every token
     assert state["sliding_window"] == conv + 2 * WINDOW * D_MODEL * 4  # only the window's
+
+
+def test_a_stopped_sweep_keeps_the_runs_it_finished(tmp_path, monkeypatch):
+    finished = []
+
+    def train_and_score(grid, point, lr, device):
+        if finished:
+            raise KeyboardInterrupt  # the sweep is stopped during its second run
+        finished.append(lr)
+        return {**vars(point), "lr": lr, "accuracy": 0.5, "longer_accuracy": {64: 0.25}, "epochs": 1,
+                "diverged": False, "state_bytes": 1024, "seconds": 1.0}
+
+    monkeypatch.setattr(protocol_mqar, "train_and_score", train_and_score)
+    grid = protocol_mqar.MqarGrid(mixers=("attention",), d_models=(16,), seq_lens=(32,), kv_pairs=(2,), lrs=(1e-3, 3e-3))
+    with pytest.raises(KeyboardInterrupt):
+        protocol_mqar.run(grid, tmp_path)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [run["lr"] for run in results["runs"]] == [1e-3] and results["planned_runs"] == 2
+    assert "In progress: 1 of 2 runs." in (tmp_path / "leaderboard.md").read_text()
 
 
 def test_the_best_learning_rate_is_chosen_per_point():
