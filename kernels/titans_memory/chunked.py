@@ -47,20 +47,13 @@ def _masked_exp(mask, exponent):
 
 def activation_and_derivative(name, z):
     """(phi(z), phi'(z)) for "gelu" (tanh approximation, as jax.nn.gelu(approximate=True))
-    or "silu", written out so that the kernels lower them."""
-    if name == "gelu":
-        inner = _GELU_SCALE * (z + _GELU_CUBIC * z * z * z)
-        t = jnp.tanh(inner)
-        d_inner = _GELU_SCALE * (1.0 + 3.0 * _GELU_CUBIC * z * z)
-        return 0.5 * z * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * d_inner
-    if name == "silu":
-        sigmoid = 1.0 / (1.0 + jnp.exp(-z))
-        return z * sigmoid, sigmoid * (1.0 + z * (1.0 - sigmoid))
-    raise ValueError(f"titans_memory: unknown activation {name!r}")
+    or "silu", written out so that the kernels lower them (the unused phi'' is dead code
+    that every compiler drops)."""
+    return activation_derivatives(name, z)[:2]
 
 
 def activation_derivatives(name, z):
-    """(phi(z), phi'(z), phi''(z)): the backward of the keys' error pass needs the second."""
+    """(phi(z), phi'(z), phi''(z)); the backward of the keys' error pass needs phi''."""
     if name == "gelu":
         inner = _GELU_SCALE * (z + _GELU_CUBIC * z * z * z)
         t = jnp.tanh(inner)
