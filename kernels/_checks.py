@@ -48,3 +48,14 @@ def check_qkv(op: str, q, k, v, *, time_axis: bool) -> tuple:
     if time_axis and q.shape[1] < 1:
         raise ValueError(f"{op}: q, k and v hold no tokens (sequence length 0); pass at least one")
     return q.shape
+
+
+def check_per_token(op: str, name: str, array, expected_shape: tuple):
+    """A float array of expected_shape, one value per token and head; returned as a jax array."""
+    array = jnp.asarray(array)
+    if array.shape != expected_shape or not jnp.issubdtype(array.dtype, jnp.floating):
+        raise ValueError(
+            f"{op}: {name} must be a float array of shape {list(expected_shape)} "
+            f"(one value per token and head), got {array.dtype} {array.shape}"
+        )
+    return array

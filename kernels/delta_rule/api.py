@@ -14,7 +14,7 @@ from jax import lax
 
 from kernels import _backend
 from kernels._sharding import per_shard
-from kernels._checks import as_int, check_qkv
+from kernels._checks import as_int, check_per_token, check_qkv
 from kernels.delta_rule import reference, xla
 
 # normalize_qk: x / sqrt(sum(x^2) + eps), so an all-zero vector stays zero (padding).
@@ -57,10 +57,10 @@ def delta_rule(
     Returns y [B,T,H,Dv], or (y, final_state) with return_final_state.
     """
     batch, seq_len, heads, key_dim = check_qkv("delta_rule", q, k, v, time_axis=True)
-    beta = _checked_per_token("delta_rule", "beta", beta, (batch, seq_len, heads))
+    beta = check_per_token("delta_rule", "beta", beta, (batch, seq_len, heads))
     if log_decay is None:
         log_decay = jnp.zeros((batch, seq_len, heads), jnp.float32)
-    log_decay = _checked_per_token("delta_rule", "log_decay", log_decay, (batch, seq_len, heads))
+    log_decay = check_per_token("delta_rule", "log_decay", log_decay, (batch, seq_len, heads))
     log_decay = log_decay.astype(jnp.float32)
     state_shape = (batch, heads, key_dim, v.shape[-1])
     initial_state = _checked_state("delta_rule", "initial_state", initial_state, state_shape)
@@ -89,10 +89,10 @@ def delta_rule_step(q_t, k_t, v_t, beta_t, state, *, log_decay=None, normalize_q
     its y and final state.
     """
     batch, heads, key_dim = check_qkv("delta_rule_step", q_t, k_t, v_t, time_axis=False)
-    beta_t = _checked_per_token("delta_rule_step", "beta_t", beta_t, (batch, heads))
+    beta_t = check_per_token("delta_rule_step", "beta_t", beta_t, (batch, heads))
     if log_decay is None:
         log_decay = jnp.zeros((batch, heads), jnp.float32)
-    log_decay = _checked_per_token("delta_rule_step", "log_decay", log_decay, (batch, heads))
+    log_decay = check_per_token("delta_rule_step", "log_decay", log_decay, (batch, heads))
     state_shape = (batch, heads, key_dim, v_t.shape[-1])
     if state is None:
         raise ValueError(
@@ -126,16 +126,6 @@ def _segment_starts(segment_ids, expected_shape):
         )
     changed = segment_ids[:, 1:] != segment_ids[:, :-1]
     return jnp.concatenate([jnp.zeros_like(changed[:, :1]), changed], axis=1)
-
-
-def _checked_per_token(op, name, array, expected_shape):
-    array = jnp.asarray(array)
-    if array.shape != expected_shape or not jnp.issubdtype(array.dtype, jnp.floating):
-        raise ValueError(
-            f"{op}: {name} must be a float array of shape {list(expected_shape)} "
-            f"(one value per token and head), got {array.dtype} {array.shape}"
-        )
-    return array
 
 
 def _checked_state(op, name, state, expected_shape):

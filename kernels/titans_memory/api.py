@@ -19,7 +19,7 @@ from typing import NamedTuple
 import jax.numpy as jnp
 
 from kernels import _backend
-from kernels._checks import as_int, check_qkv
+from kernels._checks import as_int, check_per_token, check_qkv
 from kernels._sharding import per_shard
 from kernels.titans_memory import reference, xla
 
@@ -200,13 +200,7 @@ def titans_memory_read(q, weights, *, activation: str = "gelu"):
 
 
 def _checked_per_token(op, name, array, expected_shape):
-    array = jnp.asarray(array)
-    if array.shape != expected_shape or not jnp.issubdtype(array.dtype, jnp.floating):
-        raise ValueError(
-            f"{op}: {name} must be a float array of shape {list(expected_shape)} "
-            f"(one value per token and head), got {array.dtype} {array.shape}"
-        )
-    return array.astype(jnp.float32)
+    return check_per_token(op, name, array, expected_shape).astype(jnp.float32)
 
 
 def _checked_optional_per_token(op, name, array, expected_shape):
