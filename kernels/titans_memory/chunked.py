@@ -212,11 +212,6 @@ def chunk_forward(carry, q, k, v, theta, log_retain, log_momentum, mask, *, acti
     return y, carry
 
 
-def _coefficient_values(theta, log_retain, log_momentum, mask):
-    """The differentiable fields of chunk_coefficients (all but last_is_valid)."""
-    return chunk_coefficients(theta, log_retain, log_momentum, mask)._replace(last_is_valid=None)
-
-
 def chunk_backward(
     carry, q, k, v, theta, log_retain, log_momentum, mask, activations, d_y, d_carry, *, activation, t_dot=t_dot
 ):
@@ -233,13 +228,15 @@ def chunk_backward(
     act = activations
     has_momentum = log_momentum is not None
 
-    if has_momentum:
-        coefficients, coefficients_vjp = jax.vjp(
-            lambda t, r, m: _coefficient_values(t, r, m, mask), theta, log_retain, log_momentum
-        )
-    else:
-        coefficients, coefficients_vjp = jax.vjp(lambda t, r: _coefficient_values(t, r, None, mask), theta, log_retain)
-    last_is_valid = sum_columns(jnp.where(lax.broadcasted_iota(jnp.int32, mask.shape, 0) == mask.shape[0] - 1, mask, 0.0)) > 0.0
+    def differentiable_coefficients(theta, log_retain, log_momentum):
+        """The coefficients' float fields, and last_is_valid (a bool) on the side."""
+        coefficients = chunk_coefficients(theta, log_retain, log_momentum, mask)
+        return coefficients._replace(last_is_valid=None), coefficients.last_is_valid
+
+    # log_momentum None is an empty pytree: its cotangent comes back None.
+    coefficients, coefficients_vjp, last_is_valid = jax.vjp(
+        differentiable_coefficients, theta, log_retain, log_momentum, has_aux=True
+    )
 
     zeros_like_column = jnp.zeros_like(theta)
     d_retain, d_updates = zeros_like_column, jnp.zeros_like(coefficients.updates)
@@ -331,9 +328,7 @@ def chunk_backward(
         last_momentum_updates=d_last_momentum_updates,
         last_is_valid=None,
     )
-    d_rates = coefficients_vjp(d_coefficients)
-    d_theta, d_log_retain = d_rates[0], d_rates[1]
-    d_log_momentum = d_rates[2] if has_momentum else None
+    d_theta, d_log_retain, d_log_momentum = coefficients_vjp(d_coefficients)
     d_carry = (tuple(d_anchor), tuple(d_weights), tuple(d_momentum))
     return d_carry, d_q, d_k, d_v, d_theta, d_log_retain, d_log_momentum
 

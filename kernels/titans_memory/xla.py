@@ -111,21 +111,20 @@ def scan_by_groups(step, step_backward, carry, xs):
     group starts; at each group, from the last, it reruns the group's steps to get their
     carries and residuals, then calls step_backward(carry, x, residuals, d_carry_out, d_y)
     -> (d_carry_in, d_x) from the group's last step to its first."""
+    return lax.scan(lambda carry, group_xs: lax.scan(_without_residuals(step), carry, group_xs), carry, xs)
 
+
+def _without_residuals(step):
     def plain_step(carry, x):
         carry, y, _ = step(carry, x)
         return carry, y
 
-    return lax.scan(lambda carry, group_xs: lax.scan(plain_step, carry, group_xs), carry, xs)
+    return plain_step
 
 
 def _scan_by_groups_forward(step, step_backward, carry, xs):
-    def plain_step(carry, x):
-        carry, y, _ = step(carry, x)
-        return carry, y
-
     def group(carry, group_xs):
-        final, ys = lax.scan(plain_step, carry, group_xs)
+        final, ys = lax.scan(_without_residuals(step), carry, group_xs)
         return final, (ys, carry)
 
     final, (ys, group_starts) = lax.scan(group, carry, xs)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import kernels
-from kernels.titans_memory import pallas_gpu, pallas_tpu, reference
+from kernels.titans_memory import chunked, pallas_gpu, pallas_tpu, reference
 from kernels.titans_memory import xla as titans_xla
 from kernels.testing import assert_close, export_lowering, random_normal
 
@@ -217,8 +217,6 @@ def test_matches_reference_values_and_gradients(
 def test_written_out_chunk_backward_equals_autodiff_of_the_chunk(depth, momentum, activation, valid_tokens):
     # One chunk, 2D, with cotangents on y and on every carry (the anchor's too), and a
     # chunk that may end in padding (then the anchor passes through).
-    from kernels.titans_memory import chunked
-
     size, dim = 8, 4
     keys = iter(range(100 * depth, 100 * depth + 50))
     shapes = kernels.memory_layer_shapes(dim, dim, depth)
@@ -340,8 +338,6 @@ def test_decode_steps_equal_the_parallel_form(momentum, retain):
 
 def test_padding_tokens_are_no_ops_in_the_dual_form():
     # A chunk that is all padding leaves (A, W, S) exactly as they were.
-    from kernels.titans_memory import chunked
-
     rng = np.random.default_rng(6)
     carry = tuple(tuple(jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((4, 16), (16, 4))) for _ in range(3))
     tokens = [jnp.asarray(rng.standard_normal((8, 4)), jnp.float32) for _ in range(3)]
