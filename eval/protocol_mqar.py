@@ -230,9 +230,7 @@ def run(grid: MqarGrid, out_dir: pathlib.Path | None = None, *, log=sys.stderr) 
                 flush=True,
             )
             # After every run, so a sweep that is stopped keeps what it finished.
-            written = write_leaderboard(
-                grid, best_runs(runs), runs, out_dir, time.perf_counter() - started, planned_runs=total
-            )
+            written = write_leaderboard(grid, runs, out_dir, time.perf_counter() - started, planned_runs=total)
     return written
 
 
@@ -247,18 +245,12 @@ def best_runs(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def write_leaderboard(
-    grid: MqarGrid,
-    best: Sequence[dict[str, Any]],
-    runs: Sequence[dict[str, Any]],
-    out_dir: pathlib.Path,
-    seconds: float,
-    *,
-    planned_runs: int | None = None,
+    grid: MqarGrid, runs: Sequence[dict[str, Any]], out_dir: pathlib.Path, seconds: float, *, planned_runs: int
 ) -> dict[str, pathlib.Path]:
-    """planned_runs: the grid's run count; while fewer runs are in, the files say so."""
-    planned_runs = len(runs) if planned_runs is None else planned_runs
+    """The leaderboard of the runs so far (best per point); while fewer than the grid's
+    planned_runs are in, the files say so."""
     progress = "" if len(runs) >= planned_runs else f" In progress: {len(runs)} of {planned_runs} runs."
-    best = sorted(best, key=lambda r: (r["seq_len"], -r["accuracy"], r["state_bytes"]))
+    best = sorted(best_runs(runs), key=lambda r: (r["seq_len"], -r["accuracy"], r["state_bytes"]))
     longer_lengths = sorted({length for r in best for length in r["longer_accuracy"]})
     headers = [
         "mixer", "d_model", "seq_len", "kv_pairs", "state_bytes", "best_lr", "accuracy",
