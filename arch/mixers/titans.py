@@ -464,9 +464,14 @@ class TitansMAC(nnx.Module):
        P always visible: token i sees P, h_1..h_i and x_1..x_i, never a retrieval computed from
        a later token (the paper's [P ‖ h ‖ x] with h fully visible would leak the future);
        segments never attend to each other;
-    3. the attention outputs y (per head, flattened) update the memory (the op over the segment,
-       chunks aligned with the segment);
-    4. output = o_proj(y ⊙ σ(RMSNorm(M(q_y; W_t)))), the updated memory's read gating y.
+    3. the attention sublayer's output y = x + W_a·o, with its residual connection (the paper
+       uses residual connections in all blocks), updates the memory (the op over the segment,
+       chunks aligned with the segment). Without the residual the memory learns from attention
+       mixtures only: at init these are near-uniform averages of the segment, every key looks
+       alike, and on MQAR the memory never learns to store pairs (0.00 recall when all queries
+       lie beyond the first segment, against 0.99 with it);
+    4. output = o_proj(o ⊙ σ(RMSNorm(M(q_y; W_t)))), the updated memory's read of y gating the
+       attention heads.
 
     Decode buffers the segment's keys and values after P, updates the memory token by token
     with the same chunk schedule, and at the segment's end sets W_seg to the current weights
@@ -485,7 +490,9 @@ class TitansMAC(nnx.Module):
         self.retrieved_norm = RMSNorm(self.head_dim, cfg.norm_eps, axis_name=None)
         self.retrieved_proj = dense(inner, cfg.d_model, ("heads", "embed"), cfg, rngs=rngs)
         self.attention = AttentionHeads(cfg, options.rope, rngs=rngs)
-        self.memory = NeuralMemory(cfg, options, in_dim=inner, rngs=rngs)
+        # The attention sublayer's output projection: y = x + W_a·Attn(S̃) is what the memory learns from.
+        self.attention_proj = dense(inner, cfg.d_model, ("heads", "embed"), cfg, rngs=rngs, std=output_std(cfg))
+        self.memory = NeuralMemory(cfg, options, rngs=rngs)
         self.gate_norm = RMSNorm(self.head_dim, cfg.norm_eps, axis_name=None)
         self.o_proj = dense(inner, cfg.d_model, ("heads", "embed"), cfg, rngs=rngs, std=output_std(cfg))
 
@@ -494,6 +501,10 @@ class TitansMAC(nnx.Module):
         q, conv_state = self.retrieval_query(x_BTD, conv_state)
         h = self.memory.read(kernels.l2_normalize(q), weights).astype(self.dtype)
         return self.retrieved_proj(self.retrieved_norm(h).reshape(*x_BTD.shape[:2], -1)), conv_state
+
+    def _attention_output(self, x_BTD: jax.Array, o_BTHD: jax.Array) -> jax.Array:
+        """y = x + W_a·o: the attention sublayer's output with its residual connection."""
+        return x_BTD + self.attention_proj(o_BTHD.reshape(*o_BTHD.shape[:2], -1))
 
     def _output(self, o_BTHD: jax.Array, m_BTHD: jax.Array) -> jax.Array:
         gated = o_BTHD * jax.nn.sigmoid(self.gate_norm(m_BTHD.astype(o_BTHD.dtype)))
@@ -516,7 +527,7 @@ class TitansMAC(nnx.Module):
             q, k, v = self.attention(context, context_positions)
             o = kernels.attention(q, k, v, prefix=self.prefix, implementation=self.implementation)
             o = o[:, self.prefix + 1 :: 2]  # the tokens' outputs; the retrievals' are not used
-            m, memory = self.memory.prefill(o.reshape(batch, self.segment_len, -1), memory)
+            m, memory = self.memory.prefill(self._attention_output(x_BSD, o), memory)
             return (memory, retrieval_conv), self._output(o, m)
 
         (memory, retrieval_conv), out = jax.lax.scan(segment, (memory, retrieval_conv), segments)
@@ -559,7 +570,7 @@ class TitansMAC(nnx.Module):
         q, k, v = self.attention(pair, state.cache.length + jnp.arange(2))
         o, cache = kernels.attention_decode(q, k, v, state.cache, prefix=self.prefix, implementation=self.implementation)
         o = o[:, 1:]
-        m, memory = self.memory.step(o.reshape(o.shape[0], -1), state.memory)
+        m, memory = self.memory.step(self._attention_output(x, o)[:, 0], state.memory)
         segment_done = cache.length == self.prefix + 2 * self.segment_len
         # At a segment's end the buffer keeps only P, and the next retrievals read the weights now.
         emptied = cache._replace(

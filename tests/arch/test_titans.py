@@ -131,6 +131,21 @@ def test_without_memory_updates_mac_segments_never_see_each_other():
     assert not np.allclose(out[:, 1:4], base[:, 1:4])
 
 
+def test_mac_memory_learns_from_the_attention_sublayer_with_its_residual():
+    # y = x + W_a·Attn(S̃): with W_a zeroed the memory sees exactly the block's input, so its
+    # state after a whole segment is the memory's own prefill of x.
+    mac = build_model(CASES["mac"], seed=4).blocks[0].mixer
+    x = jax.random.normal(jax.random.key(5), (2, 8, CASES["mac"].d_model))
+    _, want = mac.memory.prefill(x, mac.memory.init_state(2))
+    _, moved = mac.prefill(x, mac.init_state(2, 8))
+    mac.attention_proj.kernel[...] = jnp.zeros_like(mac.attention_proj.kernel[...])
+    _, got = mac.prefill(x, mac.init_state(2, 8))
+    for g, w in zip(jax.tree.leaves(got.memory), jax.tree.leaves(want)):
+        assert_close(g, w, tol=1e-5, name="memory state with W_a = 0")
+    moved_weights, want_weights = jax.tree.leaves(moved.memory)[0], jax.tree.leaves(want)[0]
+    assert not np.allclose(moved_weights, want_weights), "W_a·Attn must reach the memory"
+
+
 @pytest.mark.parametrize(
     "mixer, options, field",
     [
