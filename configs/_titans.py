@@ -72,6 +72,11 @@ def tiny_config(variant: str) -> TrainConfig:
     """A small model that trains in a few minutes on a CPU, on the embedded corpus: 128 wide, 4 blocks,
     windows and segments of 32 tokens (4 segments a sequence), chunks of 16."""
     layers, mixer_options = _mixers(variant, attention_span=32, chunk_size=16)
+    if variant == "mac":
+        # MAC's memory learns from x + W_a·Attn; at this learning rate its depth-2 memory's
+        # inner steps outgrew the stable bound C·θ·λ < 2(1 + η) (see MemoryOptions) within
+        # 40 steps at theta_max 0.01 and 0.003, and stay inside it at 0.001.
+        mixer_options["titans_mac"]["theta_max"] = 0.001
     return TrainConfig(
         name=f"titans-{variant}-tiny",
         model=ModelConfig(
