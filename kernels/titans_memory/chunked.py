@@ -298,10 +298,11 @@ def chunk_backward(
 
     # The keys' pass at the anchor: Delta_L = 2 (Z_L - v),
     # Delta_l = (Delta_{l+1} A_{l+1}^T) * phi'(Z_l), Z_l = X_l A_l, X_{l+1} = phi(Z_l).
-    d_key_pre = [None] * depth
+    d_key_pre, key_slopes = [None] * depth, [None] * (depth - 1)  # key_slopes[l] = phi'(Z_l)
     for layer in range(depth - 1):  # Delta_1 was made last, so it is undone first
         z = act.key_pre_activations[layer]
         _, slope, curvature = activation_derivatives(activation, z)
+        key_slopes[layer] = slope
         back = dot_t(act.errors[layer + 1], anchor[layer + 1])
         d_back = d_errors[layer] * slope
         d_key_pre[layer] = d_errors[layer] * back * curvature
@@ -313,8 +314,7 @@ def chunk_backward(
         d_anchor[layer] = d_anchor[layer] + t_dot(act.key_inputs[layer], d_key_pre[layer])
         d_x = d_key_inputs[layer] + dot_t(d_key_pre[layer], anchor[layer])
         if layer > 0:
-            slope = activation_and_derivative(activation, act.key_pre_activations[layer - 1])[1]
-            d_key_pre[layer - 1] = d_key_pre[layer - 1] + d_x * slope
+            d_key_pre[layer - 1] = d_key_pre[layer - 1] + d_x * key_slopes[layer - 1]
     d_k = d_x
 
     d_coefficients = Coefficients(
